@@ -1,0 +1,166 @@
+"""``convert_model`` / ``revert_model``: rewrite the BatchNorm layers of any model.
+
+A variant registered once with :func:`register_variant` is reachable as
+``convert_model(net, mode=...)`` and gets the contract tests of the test suite.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable, Dict, Optional, Tuple, Type, TypeVar
+
+from torch import nn
+
+__all__ = ["convert_model", "register_variant", "revert_model", "variants"]
+
+_VARIANTS: Dict[str, Tuple[type, bool]] = {}
+T = TypeVar("T", bound=type)
+
+
+def register_variant(mode: str, *, revertible: bool = True) -> Callable[[T], T]:
+    """Class decorator: make a layer class the target of ``convert_model(mode=mode)``.
+
+    The class provides ``from_batch_norm(bn, process_group=None, **options)``,
+    returning a layer that shares ``bn``'s parameters and buffers.
+    """
+    def decorate(cls: T) -> T:
+        if mode in _VARIANTS and _VARIANTS[mode][0] is not cls:
+            raise ValueError(f"mode {mode!r} is already registered to {_VARIANTS[mode][0].__name__}")
+        _VARIANTS[mode] = (cls, revertible)
+        return cls
+    return decorate
+
+
+def variants() -> Dict[str, type]:
+    """The registered modes and their layer classes."""
+    _load_variants()
+    return {mode: cls for mode, (cls, _) in _VARIANTS.items()}
+
+
+def _load_variants() -> None:
+    from . import modules  # noqa: F401  (registers the built-in variants)
+
+
+def _source_types() -> Tuple[type, ...]:
+    """The BatchNorm classes convert_model replaces."""
+    types: list = [nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm]
+    try:  # apex is optional; importing it is the only way to know its class
+        from apex.parallel import SyncBatchNorm as ApexSyncBatchNorm  # type: ignore
+
+        types.append(ApexSyncBatchNorm)
+    except Exception:
+        pass
+    types.extend(cls for cls, revertible in _VARIANTS.values() if revertible)
+    return tuple(types)
+
+
+def _replace(root: nn.Module, swap: Callable[[str, nn.Module], Optional[nn.Module]]) -> nn.Module:
+    """Apply ``swap(qualified_name, module)`` to every module; replace those it returns."""
+    new_root = swap("", root)
+    if new_root is not None:
+        return new_root
+    for name, parent in list(root.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            qualified = f"{name}.{child_name}" if name else child_name
+            new = swap(qualified, child)
+            if new is not None:
+                setattr(parent, child_name, new)
+    return root
+
+
+def convert_model(module: nn.Module, mode: str = "sync", process_group: Optional[Any] = None,
+                  **options: Any) -> nn.Module:
+    """Replace every BatchNorm layer of ``module`` by the distnorm variant ``mode``.
+
+    Converts ``torch.nn.BatchNorm1d/2d/3d`` and ``torch.nn.SyncBatchNorm`` (and
+    apex's ``SyncBatchNorm`` when apex is importable) anywhere in the tree — the
+    root module itself included — as well as distnorm's own variants (to switch
+    between them). Parameters and buffers are the same tensors afterwards (no
+    copy), so weights, running statistics, ``requires_grad``, device and dtype are
+    kept, as is each layer's train/eval flag. Call it before wrapping the model in
+    ``DistributedDataParallel`` or ``deepspeed.initialize``.
+
+    Args:
+        module: the model, or a single BatchNorm layer.
+        mode: one of :func:`variants` — ``"sync"``, ``"frozen"``, ``"gn"``, …
+        process_group: the group synced variants reduce over (``None``: world);
+            see :func:`distnorm.distributed.group_by` for subgroups.
+        **options: keyword options of the variant's constructor (e.g.
+            ``num_groups=32`` for ``"gn"``).
+
+    Returns:
+        The converted module (a new object if ``module`` itself was a BatchNorm).
+
+    Example::
+
+        >>> model = distnorm.convert_model(torchvision.models.resnet50(), mode="sync")
+        >>> model = torch.nn.parallel.DistributedDataParallel(model)
+    """
+    _load_variants()
+    if mode not in _VARIANTS:
+        raise ValueError(f"unknown mode {mode!r}; valid modes are: "
+                         + ", ".join(repr(m) for m in sorted(_VARIANTS)))
+    target, _ = _VARIANTS[mode]
+    sources = _source_types()
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"convert_model expects an nn.Module (got {type(module).__name__})")
+
+    def swap(name: str, child: nn.Module) -> Optional[nn.Module]:
+        if type(child) not in sources:
+            return None
+        try:
+            new = target.from_batch_norm(child, process_group=process_group, **options)
+        except TypeError as error:
+            raise TypeError(f"convert_model(mode={mode!r}): bad options {sorted(options)} "
+                            f"for {target.__name__}: {error}") from error
+        new._distnorm_name = name or type(child).__name__
+        return new
+
+    return _replace(module, swap)
+
+
+def revert_model(module: nn.Module) -> nn.Module:
+    """Turn every distnorm BatchNorm variant back into plain ``torch.nn`` BatchNorm.
+
+    Each layer goes back to the class it was converted from (``nn.BatchNorm1d``,
+    ``2d``, ``3d`` or ``nn.SyncBatchNorm``; ``nn.BatchNorm2d`` for layers built
+    directly), sharing the same parameter and buffer tensors: bit-exact, ready for
+    export. A frozen layer's γ and β become parameters again, with the
+    ``requires_grad`` they had before freezing.
+
+    Raises:
+        ValueError: the model holds a GroupNorm made by ``convert_model(mode="gn")``:
+            GroupNorm has no running statistics to give back.
+    """
+    _load_variants()
+    from .modules._base import BatchNormBase, share_state
+    from .modules.frozen import FrozenBatchNorm
+    from .modules.group_norm import GroupNorm
+
+    def swap(name: str, child: nn.Module) -> Optional[nn.Module]:
+        if isinstance(child, GroupNorm):
+            raise ValueError(f"cannot revert GroupNorm '{name or 'module'}' to BatchNorm: "
+                             "GroupNorm has no running statistics (convert_model(mode='gn') "
+                             "is one-way)")
+        if not isinstance(child, (BatchNormBase, FrozenBatchNorm)):
+            return None
+        source: Type[nn.Module] = child._distnorm_source or nn.BatchNorm2d
+        if isinstance(child, FrozenBatchNorm):
+            affine = getattr(child, "_distnorm_affine", True)
+            momentum = getattr(child, "_distnorm_momentum", 0.1)
+            track = True
+        else:
+            affine, momentum, track = child.affine, child.momentum, child.track_running_stats
+        kwargs: Dict[str, Any] = {}
+        if issubclass(source, nn.SyncBatchNorm):
+            kwargs["process_group"] = getattr(child, "process_group", None)
+        ref = child.running_mean if child.running_mean is not None else child.weight
+        if ref is None:
+            warnings.warn(f"{name}: no tensors to infer the device from")
+        bn = source(child.num_features, child.eps, momentum, affine, track, **kwargs,
+                    device=ref.device if ref is not None else None,
+                    dtype=ref.dtype if ref is not None else None)
+        share_state(child, bn)
+        return bn
+
+    return _replace(module, swap)

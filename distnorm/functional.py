@@ -1,0 +1,131 @@
+"""Stateless math shared by the layers: normalization given (group) moments, with
+its written-out backward, and the running-statistics update.
+
+The split follows ALGORITHMS.md §1: :func:`distnorm.stats.group_moments` reduces the
+forward moments (one all-reduce); :func:`batch_norm_with_moments` normalizes with
+them and, in backward, reduces ``[Σg, Σg·x̂]`` (one all-reduce) to form the input
+gradient of the group batch. Variants reuse both: Batch Renormalization passes
+``γ·r`` and ``γ·d + β`` as weight and bias, CmBN passes the moments of a whole
+accumulation cycle.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .stats import Moments, all_reduce_sum, stats_dtype
+
+__all__ = ["batch_norm_with_moments", "update_running_stats"]
+
+
+def _channel_view(t: Tensor, x: Tensor) -> Tensor:
+    """``(C,)`` → ``(1, C, 1, …)`` broadcastable against ``x``."""
+    return t.view((1, -1) + (1,) * (x.dim() - 2))
+
+
+class _BatchNormWithMoments(torch.autograd.Function):
+    """y = (x − μ)/sqrt(σ² + eps) · w + b, where (μ, σ²) are moments of a batch that
+    contains x (over a process group and/or earlier micro-batches).
+
+    Backward (ALGORITHMS.md §1): with local A = Σg, B = Σg·x̂ all-reduced over the
+    group and M the count the moments were taken over,
+    ∂L/∂x = w/σ̂ · (g − A/M − x̂·B/M); ∂L/∂w = local Σg·x̂; ∂L/∂b = local Σg.
+    Saved for backward: x and four C-sized vectors, as ``nn.BatchNorm`` does.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],  # type: ignore[override]
+                mean: Tensor, var: Tensor, count: Tensor, eps: float,
+                group: Optional[dist.ProcessGroup]) -> Tensor:
+        param_dtype = weight.dtype if weight is not None else mean.dtype
+        mean_p, var_p = mean.to(param_dtype), var.to(param_dtype)
+        # Eval-mode native kernel with the group moments as "running" statistics:
+        # one fused pass, any layout (channels_last is preserved), mixed precision.
+        y = torch.batch_norm(x, weight, bias, mean_p, var_p, False, 0.0, eps,
+                             torch.backends.cudnn.enabled)
+        invstd = torch.rsqrt(var.to(stats_dtype(x)) + eps)
+        ctx.save_for_backward(x, weight, mean.to(stats_dtype(x)), invstd, count)
+        ctx.group = group
+        ctx.eps = eps
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+        x, weight, mean, invstd, count = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        channels = x.shape[1]
+        if x.numel() == 0:  # a shape fact: this rank's slice is empty
+            sum_g = sum_gxhat = torch.zeros(channels, dtype=mean.dtype, device=x.device)
+        else:
+            # One fused native pass gives Σg (grad_bias) and Σg·x̂ (grad_weight).
+            _, sum_gxhat, sum_g = torch.ops.aten.native_batch_norm_backward(
+                grad_out, x, None, None, None, mean, invstd, True, ctx.eps, [False, True, True])
+            sum_g, sum_gxhat = sum_g.to(mean.dtype), sum_gxhat.to(mean.dtype)
+        grad_x = None
+        if need_x:
+            sums = all_reduce_sum(torch.cat([sum_g, sum_gxhat]), ctx.group)
+            total_g, total_gxhat = sums[:channels], sums[channels:]
+            m = count.to(mean.dtype).clamp(min=1)
+            scale = invstd if weight is None else invstd * weight.to(mean.dtype)
+            # w/σ̂·(g − A/M − x̂·B/M) as one per-channel affine map of (g, x):
+            # k·g + a·x + c with k = w/σ̂, a = −k·B/(M·σ̂), c = −k·A/M − a·μ.
+            coef_x = -scale * invstd * total_gxhat / m
+            const = -scale * total_g / m - coef_x * mean
+            grad_x = torch.addcmul(_channel_view(const, x), x, _channel_view(coef_x, x))
+            grad_x.addcmul_(grad_out, _channel_view(scale, x))
+            grad_x = grad_x.to(x.dtype)
+        grad_w = sum_gxhat.to(weight.dtype) if need_w and weight is not None else None
+        grad_b = sum_g.to(weight.dtype if weight is not None else sum_g.dtype) if need_b else None
+        return grad_x, grad_w, grad_b, None, None, None, None, None
+
+
+def batch_norm_with_moments(x: Tensor, moments: Moments, weight: Optional[Tensor],
+                            bias: Optional[Tensor], eps: float,
+                            group: Optional[dist.ProcessGroup]) -> Tensor:
+    """Normalize ``x`` with moments of a batch that contains it; differentiable.
+
+    Args:
+        x: ``(N, C, *)`` local slice (``N`` may be 0).
+        moments: from :func:`distnorm.stats.group_moments` (or accumulated sums);
+            their gradient with respect to ``x`` is part of the backward.
+        weight, bias: ``(C,)`` or ``None``; any differentiable expression (BRN
+            passes ``γ·r`` and ``γ·d + β``).
+        eps: added to the variance.
+        group: the group the moments were reduced over (``None``: local); backward
+            reduces ``[Σg, Σg·x̂]`` over it with one all-reduce.
+
+    Returns:
+        ``y``, same shape, dtype and memory format as ``x``.
+    """
+    return _BatchNormWithMoments.apply(x, weight, bias, moments.mean, moments.var,
+                                       moments.count, eps, group)
+
+
+def update_running_stats(running_mean: Tensor, running_var: Tensor,
+                         num_batches_tracked: Optional[Tensor], moments: Moments,
+                         momentum: Optional[float]) -> None:
+    """torch's running-statistics update with the (group) moments, in place.
+
+    ``running ← (1 − f)·running + f·stat`` with ``f = momentum``, or the cumulative
+    average ``1/num_batches_tracked`` when ``momentum`` is ``None``; the variance
+    tracked is unbiased. When ``moments.count == 0`` (empty batch over the whole
+    group) nothing changes, ``num_batches_tracked`` included — decided on the
+    device, without a host synchronisation.
+    """
+    with torch.no_grad():
+        has_data = moments.count > 0
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(has_data.to(num_batches_tracked.dtype))
+        if momentum is None:
+            assert num_batches_tracked is not None, "momentum=None needs num_batches_tracked"
+            factor = has_data / num_batches_tracked.clamp(min=1).to(torch.float64)
+        else:
+            factor = has_data.to(torch.float64) * momentum
+        factor = factor.to(running_mean.dtype)
+        running_mean.lerp_(moments.mean.to(running_mean.dtype), factor)
+        running_var.lerp_(moments.unbiased_var().to(running_var.dtype), factor)
+

@@ -1,0 +1,130 @@
+"""What every batch-statistics layer of distnorm shares: torch's BatchNorm state,
+input checks, the process group, and the conversion to and from ``nn.BatchNorm*d``.
+
+Subclassing ``torch.nn.modules.batchnorm._BatchNorm`` keeps the state_dict keys,
+their versioned loading (``num_batches_tracked``) and every ``isinstance(m,
+_BatchNorm)`` check in users' code (weight-decay exclusion, freezing) working.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from ..distributed import resolve_group
+from ..functional import update_running_stats
+from ..stats import Moments
+
+__all__ = ["BatchNormBase", "check_input"]
+
+
+def check_input(layer: nn.Module, x: Tensor, num_features: int) -> None:
+    """Raise a ``ValueError`` naming ``layer`` if ``x`` is not ``(N, num_features, *)``."""
+    if x.dim() < 2:
+        raise ValueError(f"{layer_name(layer)}: expected an (N, C, *) input of at least 2D "
+                         f"(got {x.dim()}D input of shape {tuple(x.shape)})")
+    if x.shape[1] != num_features:
+        raise ValueError(f"{layer_name(layer)}: expected {num_features} channels in dim 1 "
+                         f"(got input of shape {tuple(x.shape)})")
+
+
+def layer_name(layer: nn.Module) -> str:
+    """The layer's qualified name in its model when ``convert_model`` recorded it."""
+    name = getattr(layer, "_distnorm_name", None)
+    kind = type(layer).__name__
+    return f"{kind} '{name}'" if name else kind
+
+
+class BatchNormBase(_BatchNorm):
+    """Base of the synced batch-statistics variants (not public).
+
+    Holds the arguments of ``torch.nn.BatchNorm2d`` plus ``process_group``; the
+    group is resolved in ``forward`` (see :func:`distnorm.distributed.resolve_group`).
+    Subclasses implement :meth:`_train_forward` for the case where batch statistics
+    are used in training; eval mode and ``track_running_stats=False`` in eval are
+    handled here exactly as torch does.
+    """
+
+    # The class a converted layer came from; revert_model goes back to it.
+    _distnorm_source: Optional[type] = None
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
+                 affine: bool = True, track_running_stats: bool = True,
+                 process_group: Optional[Any] = None, device: Any = None, dtype: Any = None) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats,
+                         device=device, dtype=dtype)
+        self.process_group = process_group
+
+    # -- torch hooks ---------------------------------------------------------------
+    def _check_input_dim(self, input: Tensor) -> None:
+        check_input(self, input, self.num_features)
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        if self.training:
+            return self._train_forward(input, resolve_group(self.process_group))
+        if self.running_mean is not None:
+            # Eval: running statistics, no collective call.
+            return F.batch_norm(input, self.running_mean, self.running_var, self.weight,
+                                self.bias, False, 0.0, self.eps)
+        # Eval without running statistics: local batch statistics (as torch's
+        # SyncBatchNorm, which only synchronizes in training mode).
+        return F.batch_norm(input, None, None, self.weight, self.bias, True, 0.0, self.eps)
+
+    def _train_forward(self, input: Tensor, group: Optional[Any]) -> Tensor:
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    # -- shared pieces -------------------------------------------------------------
+    def _tracks(self) -> bool:
+        return self.training and self.track_running_stats and self.running_mean is not None
+
+    def _update_running_stats(self, moments: Moments) -> None:
+        if self._tracks():
+            update_running_stats(self.running_mean, self.running_var, self.num_batches_tracked,
+                                 moments, self.momentum)
+
+    def extra_repr(self) -> str:
+        text = super().extra_repr()
+        if self.process_group is not None:
+            text += ", process_group=<custom>"
+        return text
+
+    # -- conversion ----------------------------------------------------------------
+    @classmethod
+    def from_batch_norm(cls, bn: nn.Module, process_group: Optional[Any] = None,
+                        **options: Any) -> "BatchNormBase":
+        """A layer of this class sharing ``bn``'s parameters and buffers.
+
+        The parameters and running-statistic buffers are the very same tensors
+        (no copy), so an optimizer built before conversion keeps working.
+        """
+        ref = bn.weight if getattr(bn, "weight", None) is not None else bn.running_mean
+        layer = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
+                    process_group, **options,
+                    device=ref.device if ref is not None else None,
+                    dtype=ref.dtype if ref is not None and ref.is_floating_point() else None)
+        share_state(bn, layer)
+        layer._distnorm_source = getattr(bn, "_distnorm_source", None) or type(bn)
+        return layer
+
+
+def share_state(src: nn.Module, dst: nn.Module) -> None:
+    """Make ``dst`` use ``src``'s BatchNorm parameters and buffers (same tensors)."""
+    for name in ("weight", "bias"):
+        value = getattr(src, name, None)
+        if getattr(dst, name, None) is None:  # affine=False on the receiving side
+            continue
+        if isinstance(value, nn.Parameter):
+            setattr(dst, name, value)
+        elif value is not None:  # a frozen layer's buffer becomes a parameter again
+            trainable = getattr(src, "_distnorm_requires_grad", {}).get(name, True)
+            setattr(dst, name, nn.Parameter(value, requires_grad=trainable))
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        value = getattr(src, name, None)
+        if value is not None and name in dst._buffers:
+            dst._buffers[name] = value
+    dst.train(src.training)
+

@@ -1,0 +1,165 @@
+"""The one core: per-channel moments of a batch and their reduction across ranks.
+
+Every synced layer of distnorm computes its statistics here and sends every
+collective through :func:`all_reduce_sum`. The rules (ALGORITHMS.md §1):
+
+* Local moments are exact: the mean and centred variance of the local slice come
+  from a native two-pass kernel (``torch.batch_norm_update_stats``, the same
+  statistics ``nn.BatchNorm`` computes), accumulated in float32 for float16 /
+  bfloat16 inputs and in float64 for float64 inputs.
+* Across ranks they travel as count-weighted *sums* in float64,
+  ``[m, m·μ, M2 + m·μ²]`` (2C + 1 numbers), so that a batch whose mean is 1e4
+  standard deviations away from zero keeps its variance: the cancellation
+  ``Σ(M2 + m·μ²) − M·μ²`` happens in float64.
+* One all-reduce (SUM) per forward, of that packed buffer. A rank with an empty
+  slice contributes zeros; a group whose every slice is empty yields ``count = 0``
+  and zero moments, decided on the device (no host synchronisation), so the
+  forward can be captured by a CUDA graph or compiled with ``fullgraph=True``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = [
+    "Moments",
+    "all_reduce_sum",
+    "group_moments",
+    "local_moments",
+    "moment_sums",
+    "moments_from_sums",
+    "stats_dtype",
+]
+
+_REDUCED = (torch.float16, torch.bfloat16)
+
+
+class Moments(NamedTuple):
+    """Per-channel moments of a (possibly group-wide) batch.
+
+    Attributes:
+        count: 0-dim tensor, elements per channel ``M`` (``N·spatial`` summed over
+            ranks); float64.
+        mean: ``(C,)`` mean ``μ``.
+        var: ``(C,)`` biased variance ``σ²`` (divided by ``M``).
+    """
+
+    count: Tensor
+    mean: Tensor
+    var: Tensor
+
+    def unbiased_var(self) -> Tensor:
+        """``σ² · M / (M − 1)``, the variance that running statistics track.
+
+        For ``M <= 1`` the biased variance (0) is returned rather than a 0/0.
+        """
+        count = self.count.to(self.var.dtype)
+        return self.var * (count / (count - 1).clamp(min=1))
+
+
+def stats_dtype(x: Tensor) -> torch.dtype:
+    """The dtype statistics of ``x`` are accumulated and kept in (never below float32)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def local_moments(x: Tensor) -> tuple[int, Tensor, Tensor]:
+    """Count, mean and biased variance of each channel of an ``(N, C, *)`` tensor.
+
+    Works for contiguous and channels_last layouts alike. Statistics are returned in
+    :func:`stats_dtype` of ``x``; an empty ``x`` gives zeros.
+
+    Returns:
+        ``(m, mean, var)``: elements per channel (a Python int, from the shape), and
+        two ``(C,)`` tensors.
+    """
+    if x.dim() < 2:
+        raise ValueError(f"expected an (N, C, *) input of at least 2 dims (got {x.dim()}D input)")
+    channels = x.shape[1]
+    count = x.numel() // channels if channels else 0
+    dtype = stats_dtype(x)
+    if count == 0:  # a shape fact, not a data-dependent branch
+        zeros = torch.zeros(channels, dtype=dtype, device=x.device)
+        return 0, zeros, zeros.clone()
+    if x.dtype in _REDUCED:
+        # The mixed-precision native kernel accumulates in float32 and returns
+        # float32 statistics (batch_norm_update_stats would return, and overflow in,
+        # float16). It also writes an output we discard: still cheaper than an upcast.
+        ones = torch.ones(channels, dtype=dtype, device=x.device)
+        _, mean, invstd = torch.native_batch_norm(x, ones, None, None, None, True, 0.0, _TINY)
+        var = (invstd.pow(-2) - _TINY).clamp_(min=0)
+        return count, mean, var
+    mean, var = torch.batch_norm_update_stats(x, None, None, 0.0)
+    return count, mean.to(dtype), var.to(dtype)
+
+
+# Recovering var from invstd = 1/sqrt(var + eps): eps must be tiny to keep the
+# variance of nearly constant channels, yet non-zero so invstd stays finite.
+_TINY = 1e-30
+
+
+def moment_sums(x: Tensor) -> Tensor:
+    """The packed float64 buffer ``[m, m·μ (C), M2 + m·μ² (C)]`` of the local slice.
+
+    Sums of such buffers over ranks (or micro-batches) are the sums of the
+    concatenated batch; :func:`moments_from_sums` turns them back into moments.
+    """
+    count, mean, var = local_moments(x)
+    mean64, var64 = mean.double(), var.double()
+    # The count is derived from a tensor of this call, never a Python constant:
+    # inductor (torch 2.14, CPU) was seen sharing a constant across layers and
+    # reading a buffer that an earlier all-reduce had already summed.
+    count64 = (mean64[:1] * 0).add_(count)
+    return torch.cat([count64, mean64 * count, (var64 + mean64 * mean64) * count])
+
+
+def moments_from_sums(sums: Tensor, dtype: torch.dtype = torch.float32) -> Moments:
+    """Moments from a packed buffer of :func:`moment_sums` (possibly reduced).
+
+    The subtraction ``Q/M − μ²`` is done in float64; ``count == 0`` (an empty batch
+    over the whole group) gives zero mean and variance, decided on the device.
+    """
+    channels = (sums.numel() - 1) // 2
+    count = sums[0]
+    safe = count.clamp(min=1)
+    mean = sums[1:1 + channels] / safe
+    var = (sums[1 + channels:] / safe - mean * mean).clamp_(min=0)
+    return Moments(count, mean.to(dtype), var.to(dtype))
+
+
+def all_reduce_sum(buffer: Tensor, group: Optional[dist.ProcessGroup]) -> Tensor:
+    """Sum ``buffer`` over ``group`` (``None``: no-op) and return the result.
+
+    The buffer is consumed: eagerly it is reduced in place by one
+    ``dist.all_reduce`` (callers pack a fresh buffer); under ``torch.compile`` a
+    functional collective returns a new tensor and traces into the graph (torch's
+    own SyncBatchNorm graph-breaks here).
+    """
+    if group is None:
+        return buffer
+    if torch.compiler.is_compiling():
+        import torch.distributed._functional_collectives as funcol
+
+        return funcol.wait_tensor(funcol.all_reduce(buffer, "sum", group))
+    dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=group)
+    return buffer
+
+
+def group_moments(x: Tensor, group: Optional[dist.ProcessGroup]) -> Moments:
+    """Moments of the concatenation of every rank's ``x`` in ``group``: one all-reduce.
+
+    Args:
+        x: ``(N, C, *)`` local slice; ``N`` may differ across ranks, and be 0.
+        group: the process group, or ``None`` for the local batch alone.
+
+    Returns:
+        :class:`Moments` in :func:`stats_dtype` of ``x`` (count in float64). The result
+        carries no autograd history: the gradient through the moments is written
+        out by :func:`distnorm.functional.batch_norm_with_moments`.
+    """
+    with torch.no_grad():
+        sums = all_reduce_sum(moment_sums(x), group)
+        return moments_from_sums(sums, stats_dtype(x))
