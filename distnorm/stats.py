@@ -29,6 +29,7 @@ __all__ = [
     "Moments",
     "all_reduce_sum",
     "group_moments",
+    "group_sums",
     "local_moments",
     "moment_sums",
     "moments_from_sums",
@@ -148,6 +149,16 @@ def all_reduce_sum(buffer: Tensor, group: Optional[dist.ProcessGroup]) -> Tensor
     return buffer
 
 
+def group_sums(x: Tensor, group: Optional[dist.ProcessGroup]) -> Tensor:
+    """:func:`moment_sums` of ``x`` summed over ``group``: one all-reduce, no autograd.
+
+    Sums add: CmBN accumulates these over the micro-batches of a cycle before
+    :func:`moments_from_sums`.
+    """
+    with torch.no_grad():
+        return all_reduce_sum(moment_sums(x), group)
+
+
 def group_moments(x: Tensor, group: Optional[dist.ProcessGroup]) -> Moments:
     """Moments of the concatenation of every rank's ``x`` in ``group``: one all-reduce.
 
@@ -160,6 +171,4 @@ def group_moments(x: Tensor, group: Optional[dist.ProcessGroup]) -> Moments:
         carries no autograd history: the gradient through the moments is written
         out by :func:`distnorm.functional.batch_norm_with_moments`.
     """
-    with torch.no_grad():
-        sums = all_reduce_sum(moment_sums(x), group)
-        return moments_from_sums(sums, stats_dtype(x))
+    return moments_from_sums(group_sums(x, group), stats_dtype(x))
