@@ -4,13 +4,15 @@ Public API (see the README): the layers, ``convert_model`` / ``revert_model`` an
 ``distnorm.distributed.group_by``.
 """
 
-from . import distributed, functional, stats
+from . import distributed, functional, schedules, stats
 from .convert import convert_model, register_variant, revert_model, variants
-from .modules import FrozenBatchNorm, GroupNorm, SyncBatchNorm
+from .modules import BatchRenorm, CrossMiniBatchNorm, FrozenBatchNorm, GroupNorm, SyncBatchNorm, reset_accumulation
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BatchRenorm",
+    "CrossMiniBatchNorm",
     "FrozenBatchNorm",
     "GroupNorm",
     "SyncBatchNorm",
@@ -18,6 +20,8 @@ __all__ = [
     "distributed",
     "functional",
     "register_variant",
+    "schedules",
+    "reset_accumulation",
     "revert_model",
     "stats",
     "variants",
