@@ -101,6 +101,8 @@ class BatchNormBase(_BatchNorm):
         The parameters and running-statistic buffers are the very same tensors
         (no copy), so an optimizer built before conversion keeps working.
         """
+        if process_group is None:  # keep the group a converted nn.SyncBatchNorm had
+            process_group = getattr(bn, "process_group", None)
         ref = bn.weight if getattr(bn, "weight", None) is not None else bn.running_mean
         layer = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
                     process_group, **options,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..convert import register_variant
 from ..functional import batch_norm_with_moments
@@ -71,20 +71,8 @@ class SyncBatchNorm(BatchNormBase):
                          process_group, device=device, dtype=dtype)
 
     def _train_forward(self, input: Tensor, group: Optional[Any]) -> Tensor:
-        if group is None:
-            return self._local_forward(input)
+        if group is None:  # no group, or a group of one: exactly nn.BatchNorm
+            return _BatchNorm.forward(self, input)
         moments = group_moments(input, group)
         self._update_running_stats(moments)
         return batch_norm_with_moments(input, moments, self.weight, self.bias, self.eps, group)
-
-    def _local_forward(self, input: Tensor) -> Tensor:
-        """Exactly ``nn.BatchNorm*d.forward`` in training mode (torch's kernels)."""
-        if self._tracks():
-            self.num_batches_tracked.add_(1)
-            factor = (1.0 / float(self.num_batches_tracked) if self.momentum is None
-                      else self.momentum)
-        else:
-            factor = 0.0 if self.momentum is None else self.momentum
-        return F.batch_norm(input, self.running_mean if self._tracks() else None,
-                            self.running_var if self._tracks() else None,
-                            self.weight, self.bias, True, factor, self.eps)
