@@ -103,13 +103,21 @@ _TINY = 1e-30
 
 
 def moment_sums(x: Tensor) -> Tensor:
-    """The packed float64 buffer ``[m, m·μ (C), M2 + m·μ² (C)]`` of the local slice.
+    """The packed float64 buffer ``[m, Σx (C), Σx² (C)]`` of the local slice.
 
-    Sums of such buffers over ranks (or micro-batches) are the sums of the
-    concatenated batch; :func:`moments_from_sums` turns them back into moments.
+    Σx² is formed as ``M2 + m·μ²`` from the exact centred ``M2``. Sums of such
+    buffers over ranks (or micro-batches) are the sums of the concatenated batch;
+    :func:`moments_from_sums` turns them back into moments.
     """
     count, mean, var = local_moments(x)
     mean64, var64 = mean.double(), var.double()
+    if count and x.dtype != torch.float64:
+        # The kernel's mean is rounded to float32: an error δ ≈ ulp(μ) that would
+        # enter the pooled variance as 2·(μ_r − μ)·δ_r, 10–500× nn.BatchNorm's
+        # error at |μ|/σ = 1e3–1e4. One float64-accumulated sum (a single read of
+        # x) gives the mean to float64 precision; M2 is centred already.
+        dims = [d for d in range(x.dim()) if d != 1]
+        mean64 = x.sum(dims, dtype=torch.float64) / count
     # The count is derived from a tensor of this call, never a Python constant:
     # inductor (torch 2.14, CPU) was seen sharing a constant across layers and
     # reading a buffer that an earlier all-reduce had already summed.

@@ -464,46 +464,67 @@ def test_autocast_reduced_precision(low, world3):
 # ---------------------------------------------------------------------------------
 # Precision: |mean| >> std in float32
 # ---------------------------------------------------------------------------------
-@pytest.mark.parametrize("offset", [1e3, 1e4])
-def test_large_mean_float32_no_worse_than_batchnorm(offset, world2):
-    """float32 inputs of mean 1e3 / 1e4 and std ~1: the synced running variance and
-    output must be as accurate as nn.BatchNorm2d in float32 on the concatenated batch,
-    both measured against float64 on the same (float32) values. Summing raw x² in
-    float32 would be off by several percent here (ALGORITHMS.md, Precision)."""
-    sizes = [(1, 3), (2, 2), (4, 0)]
-    # momentum=None: the first step copies the batch variance into running_var, so a
-    # variance error shows undamped.
-    case = _make_case(2, sizes, (4, 4), seed=51, dtype=torch.float32, param_dtype=torch.float32,
-                      offset=offset, momentum=None)
-    results = world2.run(_train_and_eval, case)
-    ref64 = _reference(case, [0, 1])
+# float32 inputs of mean 1e3 / 1e4 and std ~1: the synced statistics and output must
+# be as accurate as nn.BatchNorm2d in float32 on the concatenated batch, both measured
+# against float64 on the same (float32) values (ALGORITHMS.md, Precision: summing raw
+# x² in float32 would be off by percents here). "As accurate" is checked as
+# error <= 2 · error(nn.BatchNorm2d) + tiny, tiny = 2.5e-7 relative (two float32 ulps:
+# the rounding of the stored result and of the float32 running update). momentum=None:
+# the first step copies the batch variance into running_var, so variance errors show
+# undamped. The last step has a single non-empty rank.
+LARGE_MEAN_SIZES = [(1, 3), (2, 2), (3, 1), (4, 0)]
+_large_mean_cache: Dict[float, Dict[str, Any]] = {}
 
+
+def _large_mean_errors(offset: float, pool) -> Dict[str, Any]:
+    """Errors against float64 of the synced layer (per rank) and of nn.BatchNorm2d."""
+    if offset in _large_mean_cache:
+        return _large_mean_cache[offset]
+    case = _make_case(2, LARGE_MEAN_SIZES, (4, 4), seed=51, dtype=torch.float32,
+                      param_dtype=torch.float32, offset=offset, momentum=None)
+    results = pool.run(_train_and_eval, case)
+    ref64 = _reference(case, [0, 1])
     bn32 = nn.BatchNorm2d(case["C"], momentum=None)
     with torch.no_grad():
         bn32.weight.copy_(case["weight"])
         bn32.bias.copy_(case["bias"])
-    y_err_bn = y_err_sync = 0.0
-    for s, step in enumerate(case["steps"]):
-        y32 = bn32(torch.cat(step["x"])).detach()
-        y64 = torch.cat(ref64["y"][s])
-        y_err_bn = max(y_err_bn, (y32.double() - y64).abs().max().item())
-        y_sync = torch.cat([res["y"][s] for res in results]).double()
-        y_err_sync = max(y_err_sync, (y_sync - y64).abs().max().item())
 
     def rel(a, b):
         return ((a.double() - b) / b).abs().max().item()
 
-    var_err_bn = rel(bn32.running_var, ref64["running_var"])
-    mean_err_bn = rel(bn32.running_mean, ref64["running_mean"])
-    assert var_err_bn < 1e-3  # the oracle itself is accurate
-    for res in results:
-        var_err = rel(res["running_var"], ref64["running_var"])
-        mean_err = rel(res["running_mean"], ref64["running_mean"])
-        print("ERR", offset, var_err, var_err_bn, mean_err, mean_err_bn)
-        assert var_err <= 2 * var_err_bn + 1e-6, (var_err, var_err_bn)
-        assert mean_err <= 2 * mean_err_bn + 1e-6, (mean_err, mean_err_bn)
-    assert y_err_sync <= 2 * y_err_bn + 1e-5, (y_err_sync, y_err_bn)
+    errors: Dict[str, Any] = {"y_bn": 0.0, "y_sync": 0.0}
+    for s, step in enumerate(case["steps"]):
+        y64 = torch.cat(ref64["y"][s])
+        y32 = bn32(torch.cat(step["x"])).detach()
+        y_sync = torch.cat([res["y"][s] for res in results])
+        errors["y_bn"] = max(errors["y_bn"], (y32.double() - y64).abs().max().item())
+        errors["y_sync"] = max(errors["y_sync"], (y_sync.double() - y64).abs().max().item())
+    errors["var_bn"] = rel(bn32.running_var, ref64["running_var"])
+    errors["mean_bn"] = rel(bn32.running_mean, ref64["running_mean"])
+    errors["var_sync"] = [rel(res["running_var"], ref64["running_var"]) for res in results]
+    errors["mean_sync"] = [rel(res["running_mean"], ref64["running_mean"]) for res in results]
+    _large_mean_cache[offset] = errors
+    return errors
 
+
+TINY = 2.5e-7
+
+
+@pytest.mark.parametrize("offset", [1e3, 1e4])
+def test_large_mean_float32_output_and_mean(offset, world2):
+    err = _large_mean_errors(offset, world2)
+    assert err["var_bn"] < 1e-5 and err["y_bn"] < 1e-2  # the oracle itself is accurate
+    assert err["y_sync"] <= 2 * err["y_bn"] + 1e-5, err
+    for mean_err in err["mean_sync"]:
+        assert mean_err <= 2 * err["mean_bn"] + TINY, err
+
+
+@pytest.mark.parametrize("offset", [1e3, 1e4])
+def test_large_mean_float32_running_var(offset, world2):
+    err = _large_mean_errors(offset, world2)
+    assert err["var_bn"] < 1e-5  # the oracle itself is accurate
+    for var_err in err["var_sync"]:
+        assert var_err <= 2 * err["var_bn"] + TINY, err
 
 # ---------------------------------------------------------------------------------
 # Without a process group: exactly nn.BatchNorm
