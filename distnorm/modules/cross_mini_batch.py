@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -77,15 +77,16 @@ class CrossMiniBatchNorm(BatchNormBase):
         - Differs from darknet's ``batch_normalize=2``: micro-batches are weighted by
           count (not averaged with equal weights) and the running statistics are
           updated once per cycle (not every micro-batch).
-        - The partial cycle is a non-persistent buffer: the state_dict is
-          ``nn.BatchNorm``'s, and checkpoints move both ways.
+        - The sums of the partial cycle are a float64 tensor attribute that follows
+          the module's device (``.to()``, ``.cuda()``) but is not a buffer: the
+          state_dict is ``nn.BatchNorm``'s (checkpoints move both ways), and
+          ``DistributedDataParallel`` does not broadcast it — with
+          ``broadcast_buffers=True`` DDP overwrites every buffer with rank 0's, which
+          would hand rank 0's partial cycle to the ranks of other groups when
+          ``process_group`` is smaller than DDP's (e.g. a local CmBN per GPU).
         - Under ``DistributedDataParallel`` nothing special is needed: run the first
-          A − 1 micro-batches under ``no_sync()`` (or not), the last one with
-          gradient synchronization. With ``broadcast_buffers=True`` and a
-          ``process_group`` smaller than DDP's, DDP overwrites every rank's buffers
-          with rank 0's before a forward that follows a synchronized backward: with
-          ``no_sync()`` that is the start of a cycle, where the partial-cycle sums are
-          not read.
+          A − 1 micro-batches under ``no_sync()`` (or not) and the last one with
+          gradient synchronization; the optimizer steps every A micro-batches.
 
     Args:
         num_features: C of an ``(N, C, *)`` input.
@@ -125,10 +126,9 @@ class CrossMiniBatchNorm(BatchNormBase):
                          process_group, device=device, dtype=dtype)
         self.accumulation_steps = accumulation_steps
         # [M, ΣS, ΣQ] of the micro-batches seen so far in this cycle (float64, see
-        # distnorm.stats.moment_sums); meaningful only while _position > 0.
-        self.register_buffer("_cycle_sums",
-                             torch.zeros(2 * num_features + 1, dtype=torch.float64, device=device),
-                             persistent=False)
+        # distnorm.stats.moment_sums); meaningful only while _position > 0. Not a
+        # buffer: DDP would broadcast it from rank 0 (see Semantics); _apply moves it.
+        self._cycle_sums = torch.zeros(2 * num_features + 1, dtype=torch.float64, device=device)
         # Micro-batches already seen in this cycle: a Python int counted by forward
         # calls, never read from the data (no host synchronisation).
         self._position = 0
@@ -167,14 +167,13 @@ class CrossMiniBatchNorm(BatchNormBase):
         return output
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> "CrossMiniBatchNorm":
-        # Follow device moves, but keep the partial-cycle sums in float64 through
-        # model.half() / .to(torch.bfloat16): their count and sums must stay exact.
-        before = self._cycle_sums
         result = super()._apply(fn, recurse)
-        after = self._cycle_sums
-        if after is not None and after.dtype != torch.float64:
-            source = after if before.is_meta else before
-            self._cycle_sums = source.to(device=after.device, dtype=torch.float64)
+        sums = self._cycle_sums
+        # Follow device moves, but keep the sums in float64 through model.half() or
+        # .to(torch.bfloat16): their count and sums must stay exact.
+        moved = fn(sums)
+        self._cycle_sums = (moved if sums.is_meta else sums).to(device=moved.device,
+                                                                dtype=torch.float64)
         return result
 
     def extra_repr(self) -> str:
@@ -201,7 +200,7 @@ def reset_accumulation(module: nn.Module) -> None:
             layer.reset_accumulation()
 
 
-def accumulation_steps_from(engine_or_config: Union[Any, Mapping, str, "os.PathLike[str]"]) -> int:
+def accumulation_steps_from(engine_or_config: Any) -> int:
     """``gradient_accumulation_steps`` of a DeepSpeed engine or configuration.
 
     Accepts a DeepSpeed engine (``engine.gradient_accumulation_steps()``), a
@@ -225,8 +224,9 @@ def accumulation_steps_from(engine_or_config: Union[Any, Mapping, str, "os.PathL
         ...     engine.step()
 
     Raises:
-        ValueError: the value is missing-and-underivable, ``"auto"`` (resolved by the
-            Hugging Face Trainer: pass the engine instead) or not an integer ≥ 1.
+        ValueError: the value is ``"auto"`` (resolved by the Hugging Face Trainer:
+            pass the engine instead), not an integer ≥ 1, or not derivable
+            (``train_batch_size`` not divisible by micro-batch size × world size).
         TypeError: ``engine_or_config`` is none of the above.
     """
     owner = "accumulation_steps_from"
@@ -244,7 +244,7 @@ def accumulation_steps_from(engine_or_config: Union[Any, Mapping, str, "os.PathL
     return _check_steps(owner, value)
 
 
-def _steps_from_config(config: Mapping) -> int:
+def _steps_from_config(config: Mapping[str, Any]) -> int:
     owner = "accumulation_steps_from"
     value = config.get("gradient_accumulation_steps")
     if value is None:
