@@ -7,11 +7,13 @@ Public API (see the README): the layers, ``convert_model`` / ``revert_model`` an
 from . import distributed, functional, schedules, stats
 from .convert import convert_model, register_variant, revert_model, variants
 from .modules import BatchRenorm, CrossMiniBatchNorm, FrozenBatchNorm, GroupNorm, SyncBatchNorm, reset_accumulation
+from .modules import CrossIterationBatchNorm
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BatchRenorm",
+    "CrossIterationBatchNorm",
     "CrossMiniBatchNorm",
     "FrozenBatchNorm",
     "GroupNorm",

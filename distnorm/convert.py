@@ -6,7 +6,6 @@ A variant registered once with :func:`register_variant` is reachable as
 
 from __future__ import annotations
 
-import warnings
 from typing import Any, Callable, Dict, Optional, Tuple, Type, TypeVar
 
 from torch import nn
@@ -55,17 +54,29 @@ def _source_types() -> Tuple[type, ...]:
 
 
 def _replace(root: nn.Module, swap: Callable[[str, nn.Module], Optional[nn.Module]]) -> nn.Module:
-    """Apply ``swap(qualified_name, module)`` to every module; replace those it returns."""
-    new_root = swap("", root)
-    if new_root is not None:
-        return new_root
-    for name, parent in list(root.named_modules()):
-        for child_name, child in list(parent.named_children()):
-            qualified = f"{name}.{child_name}" if name else child_name
-            new = swap(qualified, child)
-            if new is not None:
-                setattr(parent, child_name, new)
-    return root
+    """Apply ``swap(qualified_name, module)`` to every module; replace those it returns.
+
+    A module reached twice (shared, or used twice in one parent) is swapped once
+    and its replacement shared the same way.
+    """
+    if not isinstance(root, nn.Module):
+        raise TypeError(f"distnorm expects an nn.Module (got {type(root).__name__})")
+    done: Dict[int, Optional[nn.Module]] = {}
+
+    def visit(name: str, module: nn.Module) -> nn.Module:
+        key = id(module)
+        if key not in done:
+            done[key] = swap(name, module)
+            if done[key] is None:
+                # _modules, not named_children(): that one skips repeated children.
+                for child_name, child in list(module._modules.items()):
+                    if child is not None:
+                        qualified = f"{name}.{child_name}" if name else child_name
+                        module._modules[child_name] = visit(qualified, child)
+        new = done[key]
+        return module if new is None else new
+
+    return visit("", root)
 
 
 def convert_model(module: nn.Module, mode: str = "sync", process_group: Optional[Any] = None,
@@ -102,8 +113,6 @@ def convert_model(module: nn.Module, mode: str = "sync", process_group: Optional
                          + ", ".join(repr(m) for m in sorted(_VARIANTS)))
     target, _ = _VARIANTS[mode]
     sources = _source_types()
-    if not isinstance(module, nn.Module):
-        raise TypeError(f"convert_model expects an nn.Module (got {type(module).__name__})")
 
     def swap(name: str, child: nn.Module) -> Optional[nn.Module]:
         if type(child) not in sources:
@@ -145,19 +154,12 @@ def revert_model(module: nn.Module) -> nn.Module:
         if not isinstance(child, (BatchNormBase, FrozenBatchNorm)):
             return None
         source: Type[nn.Module] = child._distnorm_source or nn.BatchNorm2d
-        if isinstance(child, FrozenBatchNorm):
-            affine = getattr(child, "_distnorm_affine", True)
-            momentum = getattr(child, "_distnorm_momentum", 0.1)
-            track = True
-        else:
-            affine, momentum, track = child.affine, child.momentum, child.track_running_stats
         kwargs: Dict[str, Any] = {}
         if issubclass(source, nn.SyncBatchNorm):
             kwargs["process_group"] = getattr(child, "process_group", None)
         ref = child.running_mean if child.running_mean is not None else child.weight
-        if ref is None:
-            warnings.warn(f"{name}: no tensors to infer the device from")
-        bn = source(child.num_features, child.eps, momentum, affine, track, **kwargs,
+        bn = source(child.num_features, child.eps, child.momentum, child.affine,
+                    child.track_running_stats, **kwargs,
                     device=ref.device if ref is not None else None,
                     dtype=ref.dtype if ref is not None else None)
         share_state(child, bn)

@@ -568,3 +568,24 @@ def test_no_process_group_is_bit_exact(tail, fmt, kwargs):
     ref.eval()
     x = torch.randn((3, 3) + tail, generator=gen).contiguous(memory_format=fmt)
     assert torch.equal(ours(x), ref(x))
+
+
+# ---------------------------------------------------------------------------------
+# Copies (EMA models, deepcopy of a model) share the process group
+# ---------------------------------------------------------------------------------
+def _deepcopy_shares_group(rank, world):
+    import copy
+
+    group = dist.new_group(list(range(world)))
+    bn = distnorm.SyncBatchNorm(3, process_group=group).double()
+    twin = copy.deepcopy(bn)
+    x = torch.arange(6 * (rank + 1), dtype=torch.float64).view(-1, 3)
+    return {"same_group": twin.process_group is group, "fresh_weight": twin.weight is not bn.weight,
+            "y": twin(x).detach(), "x": x}
+
+
+def test_deepcopy_of_a_layer_with_a_process_group(world2):
+    out = world2.run(_deepcopy_shares_group)
+    assert all(o["same_group"] and o["fresh_weight"] for o in out)
+    ref = torch.nn.BatchNorm1d(3).double()
+    torch.testing.assert_close(torch.cat([o["y"] for o in out]), ref(torch.cat([o["x"] for o in out])).detach())

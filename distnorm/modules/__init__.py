@@ -1,9 +1,10 @@
 """The layers, one variant per file; importing this registers them with convert_model."""
 
 from .batch_renorm import BatchRenorm
+from .cross_iteration import CrossIterationBatchNorm
 from .cross_mini_batch import CrossMiniBatchNorm, reset_accumulation
 from .frozen import FrozenBatchNorm
 from .group_norm import GroupNorm
 from .sync_batch_norm import SyncBatchNorm
 
-__all__ = ["BatchRenorm", "CrossMiniBatchNorm", "FrozenBatchNorm", "GroupNorm", "SyncBatchNorm", "reset_accumulation"]
+__all__ = ["BatchRenorm", "CrossIterationBatchNorm", "CrossMiniBatchNorm", "FrozenBatchNorm", "GroupNorm", "SyncBatchNorm", "reset_accumulation"]

@@ -8,7 +8,8 @@ _BatchNorm)`` check in users' code (weight-decay exclusion, freezing) working.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+import copy
+from typing import Any, Dict, Optional
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -91,6 +92,16 @@ class BatchNormBase(_BatchNorm):
         if self.process_group is not None:
             text += ", process_group=<custom>"
         return text
+
+    def __deepcopy__(self, memo: Dict[int, Any]) -> "BatchNormBase":
+        # A ProcessGroup cannot be copied: copies (EMA models, DDP's replicas)
+        # share the group, as they would share a communicator.
+        if self.process_group is not None:
+            memo[id(self.process_group)] = self.process_group
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return new
 
     # -- conversion ----------------------------------------------------------------
     @classmethod

@@ -244,7 +244,13 @@ class BatchRenorm(BatchNormBase):
             self.r_clip_count.add_((r_raw != r) & counted)
             self.d_clip_count.add_((d_raw != d) & counted)
             self.clip_steps.add_(counted)
-        return r, d
+            # torch.compile (torch 2.14) may recompute r and d in the backward from the
+            # running-stat buffers, i.e. after update_running_stats has changed them,
+            # and silently give γ a wrong gradient (pytorch/pytorch PR #197039, open).
+            # torch.cat is not recomputed by the partitioner: packing r and d makes it
+            # save them. Eagerly it costs one 2C-sized copy.
+            packed = torch.cat([r, d])
+        return packed[:self.num_features], packed[self.num_features:]
 
     # -- monitoring ----------------------------------------------------------------
     def clip_fractions(self, per_channel: bool = False) -> Union[Tuple[float, float],

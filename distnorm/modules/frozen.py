@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +46,11 @@ class FrozenBatchNorm(nn.Module):
         kw = {"device": device, "dtype": dtype}
         self.num_features = num_features
         self.eps = eps
+        # BatchNorm's hyper-parameters, kept so the layer converts and reverts to
+        # the BatchNorm it came from; they play no part in the frozen map.
+        self.momentum: Optional[float] = 0.1
+        self.affine = True
+        self.track_running_stats = True
         self.register_buffer("weight", torch.ones(num_features, **kw))
         self.register_buffer("bias", torch.zeros(num_features, **kw))
         self.register_buffer("running_mean", torch.zeros(num_features, **kw))
@@ -90,8 +95,8 @@ class FrozenBatchNorm(nn.Module):
         layer._distnorm_requires_grad = {
             name: getattr(bn, name).requires_grad
             for name in ("weight", "bias") if isinstance(getattr(bn, name, None), nn.Parameter)}
-        layer._distnorm_affine = bool(getattr(bn, "affine", True))
-        layer._distnorm_momentum = getattr(bn, "momentum", 0.1)
+        layer.affine = bool(getattr(bn, "affine", True))
+        layer.momentum = getattr(bn, "momentum", 0.1)
         layer._distnorm_source = getattr(bn, "_distnorm_source", None) or type(bn)
         layer.train(bn.training)
         return layer
