@@ -11,7 +11,7 @@ accumulation cycle.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -40,7 +40,7 @@ class _BatchNormWithMoments(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],  # type: ignore[override]
                 mean: Tensor, var: Tensor, count: Tensor, eps: float,
-                group: Optional[dist.ProcessGroup]) -> Tensor:
+                group: Optional[dist.ProcessGroup], layer: Optional[Any]) -> Tensor:
         param_dtype = weight.dtype if weight is not None else mean.dtype
         mean_p, var_p = mean.to(param_dtype), var.to(param_dtype)
         # Eval-mode native kernel with the group moments as "running" statistics:
@@ -49,8 +49,7 @@ class _BatchNormWithMoments(torch.autograd.Function):
                              torch.backends.cudnn.enabled)
         invstd = torch.rsqrt(var.to(stats_dtype(x)) + eps)
         ctx.save_for_backward(x, weight, mean.to(stats_dtype(x)), invstd, count)
-        ctx.group = group
-        ctx.eps = eps
+        ctx.group, ctx.layer, ctx.eps = group, layer, eps
         return y
 
     @staticmethod
@@ -67,7 +66,8 @@ class _BatchNormWithMoments(torch.autograd.Function):
             sum_g, sum_gxhat = sum_g.to(mean.dtype), sum_gxhat.to(mean.dtype)
         grad_x = None
         if need_x:
-            sums = all_reduce_sum(torch.cat([sum_g, sum_gxhat]), ctx.group)
+            sums = all_reduce_sum(torch.cat([sum_g, sum_gxhat]), ctx.group, layer=ctx.layer,
+                                  what="backward")
             total_g, total_gxhat = sums[:channels], sums[channels:]
             m = count.to(mean.dtype).clamp(min=1)
             scale = invstd if weight is None else invstd * weight.to(mean.dtype)
@@ -80,12 +80,13 @@ class _BatchNormWithMoments(torch.autograd.Function):
             grad_x = grad_x.to(x.dtype)
         grad_w = sum_gxhat.to(weight.dtype) if need_w and weight is not None else None
         grad_b = sum_g.to(weight.dtype if weight is not None else sum_g.dtype) if need_b else None
-        return grad_x, grad_w, grad_b, None, None, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None
 
 
 def batch_norm_with_moments(x: Tensor, moments: Moments, weight: Optional[Tensor],
                             bias: Optional[Tensor], eps: float,
-                            group: Optional[dist.ProcessGroup]) -> Tensor:
+                            group: Optional[dist.ProcessGroup], *,
+                            layer: Optional[Any] = None) -> Tensor:
     """Normalize ``x`` with moments of a batch that contains it; differentiable.
 
     Args:
@@ -97,12 +98,14 @@ def batch_norm_with_moments(x: Tensor, moments: Moments, weight: Optional[Tensor
         eps: added to the variance.
         group: the group the moments were reduced over (``None``: local); backward
             reduces ``[Σg, Σg·x̂]`` over it with one all-reduce.
+        layer: the calling layer, for the checks and messages of that all-reduce
+            (see :func:`distnorm.stats.all_reduce_sum`).
 
     Returns:
         ``y``, same shape, dtype and memory format as ``x``.
     """
     return _BatchNormWithMoments.apply(x, weight, bias, moments.mean, moments.var,
-                                       moments.count, eps, group)
+                                       moments.count, eps, group, layer)
 
 
 def update_running_stats(running_mean: Tensor, running_var: Tensor,

@@ -19,11 +19,13 @@ collective through :func:`all_reduce_sum`. The rules (ALGORITHMS.md §1):
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from .distributed import checks
 
 __all__ = [
     "Moments",
@@ -139,13 +141,22 @@ def moments_from_sums(sums: Tensor, dtype: torch.dtype = torch.float32) -> Momen
     return Moments(count, mean.to(dtype), var.to(dtype))
 
 
-def all_reduce_sum(buffer: Tensor, group: Optional[dist.ProcessGroup]) -> Tensor:
+def all_reduce_sum(buffer: Tensor, group: Optional[dist.ProcessGroup], *,
+                   layer: Optional[Any] = None, what: str = "forward") -> Tensor:
     """Sum ``buffer`` over ``group`` (``None``: no-op) and return the result.
 
     The buffer is consumed: eagerly it is reduced in place by one
     ``dist.all_reduce`` (callers pack a fresh buffer); under ``torch.compile`` a
     functional collective returns a new tensor and traces into the graph (torch's
     own SyncBatchNorm graph-breaks here).
+
+    With ``layer`` given (eager mode), the call is checked so that ranks that
+    disagree fail with a :class:`~distnorm.errors.SyncError` naming the layer
+    instead of hanging or aborting (see :mod:`distnorm.distributed.checks`): a
+    fixed-size header on the first call of each layer and direction (every call
+    when ``DISTNORM_DEBUG=1``), and a layer tag and call counter folded into the
+    payload of every call. ``what`` names the direction (``"forward"``,
+    ``"backward"``).
     """
     if group is None:
         return buffer
@@ -153,30 +164,58 @@ def all_reduce_sum(buffer: Tensor, group: Optional[dist.ProcessGroup]) -> Tensor
         import torch.distributed._functional_collectives as funcol
 
         return funcol.wait_tensor(funcol.all_reduce(buffer, "sum", group))
-    dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=group)
-    return buffer
+    if layer is None:
+        dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=group)
+        return buffer
+    return checks.checked_all_reduce(buffer, group, layer, what)
 
 
-def group_sums(x: Tensor, group: Optional[dist.ProcessGroup]) -> Tensor:
+def group_sums(x: Tensor, group: Optional[dist.ProcessGroup], *, layer: Optional[Any] = None,
+               extra: Optional[Tensor] = None) -> Tensor:
     """:func:`moment_sums` of ``x`` summed over ``group``: one all-reduce, no autograd.
 
     Sums add: CmBN accumulates these over the micro-batches of a cycle before
     :func:`moments_from_sums`.
+
+    Args:
+        x: ``(N, C, *)`` local slice.
+        group: process group, or ``None`` (local).
+        layer: the calling layer, for checks and messages (see :func:`all_reduce_sum`).
+            Its ``nonfinite`` policy applies: a rank whose sums are not finite
+            contributes zeros, and with ``"raise"`` (the default) every rank raises
+            :class:`~distnorm.errors.NonFiniteError` naming the layer and ranks.
+        extra: a float64 vector reduced in the same all-reduce (CBN's compensation
+            terms), appended after the ``2C + 1`` moment sums in the result.
+
+    Returns:
+        float64 ``[m, Σx (C), Σx² (C), extra...]`` summed over the group.
     """
     with torch.no_grad():
-        return all_reduce_sum(moment_sums(x), group)
+        sums = moment_sums(x)
+        parts = [sums] if extra is None else [sums, extra.to(torch.float64).flatten()]
+        policy = getattr(layer, "nonfinite", None) if group is not None else None
+        if policy is None or torch.compiler.is_compiling():
+            return all_reduce_sum(torch.cat(parts) if extra is not None else sums, group,
+                                  layer=layer)
+        buffer = checks.pack_nonfinite(parts, group)
+        reduced = all_reduce_sum(buffer, group, layer=layer)
+        checks.handle_nonfinite(reduced[-1], layer, policy, group)
+        return reduced[:-1]
 
 
-def group_moments(x: Tensor, group: Optional[dist.ProcessGroup]) -> Moments:
+def group_moments(x: Tensor, group: Optional[dist.ProcessGroup], *,
+                  layer: Optional[Any] = None) -> Moments:
     """Moments of the concatenation of every rank's ``x`` in ``group``: one all-reduce.
 
     Args:
         x: ``(N, C, *)`` local slice; ``N`` may differ across ranks, and be 0.
         group: the process group, or ``None`` for the local batch alone.
+        layer: the calling layer, for checks and messages (see :func:`group_sums`).
 
     Returns:
         :class:`Moments` in :func:`stats_dtype` of ``x`` (count in float64). The result
         carries no autograd history: the gradient through the moments is written
         out by :func:`distnorm.functional.batch_norm_with_moments`.
     """
-    return moments_from_sums(group_sums(x, group), stats_dtype(x))
+    return moments_from_sums(group_sums(x, group, layer=layer), stats_dtype(x))
+

@@ -16,10 +16,12 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..distributed import resolve_group
+from ..distributed.checks import NONFINITE_POLICIES
+from ..errors import layer_name
 from ..functional import update_running_stats
 from ..stats import Moments
 
-__all__ = ["BatchNormBase", "check_input"]
+__all__ = ["BatchNormBase", "check_input", "layer_name"]
 
 
 def check_input(layer: nn.Module, x: Tensor, num_features: int) -> None:
@@ -30,13 +32,6 @@ def check_input(layer: nn.Module, x: Tensor, num_features: int) -> None:
     if x.shape[1] != num_features:
         raise ValueError(f"{layer_name(layer)}: expected {num_features} channels in dim 1 "
                          f"(got input of shape {tuple(x.shape)})")
-
-
-def layer_name(layer: nn.Module) -> str:
-    """The layer's qualified name in its model when ``convert_model`` recorded it."""
-    name = getattr(layer, "_distnorm_name", None)
-    kind = type(layer).__name__
-    return f"{kind} '{name}'" if name else kind
 
 
 class BatchNormBase(_BatchNorm):
@@ -58,6 +53,21 @@ class BatchNormBase(_BatchNorm):
         super().__init__(num_features, eps, momentum, affine, track_running_stats,
                          device=device, dtype=dtype)
         self.process_group = process_group
+
+    @property
+    def nonfinite(self) -> str:
+        """What a synced forward does when a rank's input holds NaN/Inf: ``"raise"``
+        (default; a :class:`~distnorm.errors.NonFiniteError` on every rank, naming
+        the layer and ranks) or ``"skip"`` (those ranks are left out of the group
+        statistics; their own outputs stay non-finite)."""
+        return self.__dict__.get("_nonfinite", "raise")
+
+    @nonfinite.setter
+    def nonfinite(self, value: str) -> None:
+        if value not in NONFINITE_POLICIES:
+            raise ValueError(f"{layer_name(self)}: nonfinite must be one of "
+                             f"{NONFINITE_POLICIES} (got {value!r})")
+        self.__dict__["_nonfinite"] = value
 
     # -- torch hooks ---------------------------------------------------------------
     def _check_input_dim(self, input: Tensor) -> None:
@@ -114,12 +124,14 @@ class BatchNormBase(_BatchNorm):
         """
         if process_group is None:  # keep the group a converted nn.SyncBatchNorm had
             process_group = getattr(bn, "process_group", None)
+        nonfinite = options.pop("nonfinite", getattr(bn, "nonfinite", "raise"))
         ref = bn.weight if getattr(bn, "weight", None) is not None else bn.running_mean
         layer = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
                     process_group, **options,
                     device=ref.device if ref is not None else None,
                     dtype=ref.dtype if ref is not None and ref.is_floating_point() else None)
         share_state(bn, layer)
+        layer.nonfinite = nonfinite
         layer._distnorm_source = getattr(bn, "_distnorm_source", None) or type(bn)
         return layer
 

@@ -215,9 +215,11 @@ class CrossIterationBatchNorm(BatchNormBase):
           count-weighted; an iteration whose whole group batch was empty is left out
           of the window (decided on the device).
         - Memory: k − 1 copies of each producer's weight (∂Q/∂W) plus small
-          per-group and per-channel vectors; :meth:`history_bytes` reports it and
-          ``history_dtype=torch.bfloat16`` (or float16) halves it. The inner products
-          with the current weight are taken in float64.
+          per-group and per-channel vectors, and one copy of the weight at the last
+          forward; :meth:`history_bytes` reports it and ``history_dtype=torch.bfloat16``
+          (or float16) halves the derivatives. ⟨∂_τ, W_t − W_τ⟩ is accumulated
+          (telescoped) in float64 from one weight step per iteration, so no
+          cancellation of large inner products and no copy of past weights.
         - The history is not in the state_dict (checkpoints stay ``nn.BatchNorm``
           compatible). :meth:`history_state` / :meth:`load_history_state` save and
           resume it mid-training; without them a resumed run refills the window.
@@ -285,16 +287,18 @@ class CrossIterationBatchNorm(BatchNormBase):
         slots = window - 1
         f64 = dict(dtype=torch.float64, device=device)
         # The window's past iterations, a ring of k − 1 slots (float64 group values
-        # and local float64 inner products; derivatives in history_dtype).
+        # and each slot's local compensation ⟨∂S/∂W, W − W_τ⟩, ⟨∂Q/∂W, W − W_τ⟩ up to
+        # the last forward, accumulated in float64; derivatives in history_dtype).
         for key, shape in (("_hist_count", (slots,)), ("_hist_has_d", (slots,)),
                            ("_hist_mean", (slots, num_features)),
                            ("_hist_sq", (slots, num_features)),
-                           ("_hist_sum_w", (slots, num_features)),
-                           ("_hist_sq_w", (slots, num_features))):
+                           ("_hist_comp_sum", (slots, num_features)),
+                           ("_hist_comp_sq", (slots, num_features))):
             self.register_buffer(key, torch.zeros(shape, **f64), persistent=False)
         self.register_buffer("_hist_bias", None, persistent=False)     # (k−1, C) float64
         self.register_buffer("_hist_dsum", None, persistent=False)     # (k−1, G, L)
         self.register_buffer("_hist_dsq", None, persistent=False)      # (k−1, C, L)
+        self.register_buffer("_prev_weight", None, persistent=False)   # W at the last forward
 
     # -- producer --------------------------------------------------------------------
     def attach(self, producer: nn.Module) -> "CrossIterationBatchNorm":
@@ -376,18 +380,18 @@ class CrossIterationBatchNorm(BatchNormBase):
     def reset_history(self) -> None:
         """Forget the past iterations (the burn-in count is kept)."""
         self._recorded = 0
-        for key in ("_hist_count", "_hist_has_d", "_hist_mean", "_hist_sq", "_hist_sum_w",
-                    "_hist_sq_w"):
+        for key in ("_hist_count", "_hist_has_d", "_hist_mean", "_hist_sq", "_hist_comp_sum",
+                    "_hist_comp_sq"):
             getattr(self, key).zero_()
-        self._hist_bias = self._hist_dsum = self._hist_dsq = None
+        self._hist_bias = self._hist_dsum = self._hist_dsq = self._prev_weight = None
 
     def history_bytes(self) -> int:
         """Bytes held by the history of past iterations (derivatives and statistics)."""
         return sum(t.numel() * t.element_size() for t in self._history_tensors().values())
 
     def _history_tensors(self) -> Dict[str, Tensor]:
-        keys = ("_hist_count", "_hist_has_d", "_hist_mean", "_hist_sq", "_hist_sum_w", "_hist_sq_w",
-                "_hist_bias", "_hist_dsum", "_hist_dsq")
+        keys = ("_hist_count", "_hist_has_d", "_hist_mean", "_hist_sq", "_hist_comp_sum", "_hist_comp_sq",
+                "_hist_bias", "_hist_dsum", "_hist_dsq", "_prev_weight")
         return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
 
     def history_state(self) -> Dict[str, Any]:
@@ -409,8 +413,8 @@ class CrossIterationBatchNorm(BatchNormBase):
             raise ValueError(f"{layer_name(self)}: history of window {state.get('window')} "
                              f"cannot load into window {self.window}")
         device = self._hist_count.device
-        for key in ("_hist_count", "_hist_has_d", "_hist_mean", "_hist_sq", "_hist_sum_w",
-                    "_hist_sq_w", "_hist_bias", "_hist_dsum", "_hist_dsq"):
+        for key in ("_hist_count", "_hist_has_d", "_hist_mean", "_hist_sq", "_hist_comp_sum",
+                    "_hist_comp_sq", "_hist_bias", "_hist_dsum", "_hist_dsq", "_prev_weight"):
             value = state.get(key)
             setattr(self, key, None if value is None else value.detach().clone().to(device))
         self._step, self._recorded = int(state["step"]), int(state["recorded"])
@@ -445,6 +449,8 @@ class CrossIterationBatchNorm(BatchNormBase):
         with torch.no_grad():  # statistics carry no graph: the Function writes out the gradient
             output, current, sq_t = self._window_forward(input, group, weight, producer, compensate)
         self._record(input, link if compensate else None, weight, producer, current, sq_t)
+        if compensate:
+            self._prev_weight = weight.clone()
         dtype = stats_dtype(input)
         self._update_running_stats(Moments(current.count, current.mean.to(dtype),
                                            current.var.to(dtype)))
@@ -456,10 +462,14 @@ class CrossIterationBatchNorm(BatchNormBase):
         """One all-reduce, the compensated window moments, and the normalized output."""
         channels, slots = self.num_features, self.window - 1
         sums = moment_sums(input)
-        if compensate and self._hist_dsq is not None and self._recorded > 0:
-            local = self._inner_products(weight, self._hist_dsum, self._hist_dsq)
-            local[0].sub_(self._hist_sum_w)
-            local[1].sub_(self._hist_sq_w)
+        if compensate and self._hist_dsq is not None and self._prev_weight is not None:
+            # ⟨∂_τ, W_t − W_τ⟩ telescoped: the last value plus ⟨∂_τ, W_t − W_{t−1}⟩. The
+            # step is small, so the product is accurate in float32; sums in float64.
+            step = self._inner_products(weight - self._prev_weight, self._hist_dsum,
+                                        self._hist_dsq)
+            self._hist_comp_sum.add_(step[0])
+            self._hist_comp_sq.add_(step[1])
+            local = torch.stack([self._hist_comp_sum, self._hist_comp_sq])
         else:
             local = sums.new_zeros(2, slots, channels)
         buffer = all_reduce_sum(torch.cat([sums, local.flatten()]), group)
@@ -497,15 +507,16 @@ class CrossIterationBatchNorm(BatchNormBase):
         return output, current, sq_t
 
     @staticmethod
-    def _inner_products(weight: Tensor, d_sum: Tensor, d_sq: Tensor) -> Tensor:
-        """Per channel ⟨∂S/∂W[c], W[c]⟩ and ⟨∂Q/∂W[c], W[c]⟩ for every history slot,
-        in float64: ``(2, slots, C)``."""
+    def _inner_products(delta: Tensor, d_sum: Tensor, d_sq: Tensor) -> Tensor:
+        """Per channel ⟨∂S/∂W[c], ΔW[c]⟩ and ⟨∂Q/∂W[c], ΔW[c]⟩ for every history slot:
+        ``(2, slots, C)`` float64 (computed in float32 at least)."""
         slots, groups, length = d_sum.shape
         channels = d_sq.shape[1]
-        w = weight.to(torch.float64).reshape(groups, channels // groups, length)
-        by_sum = torch.einsum("gcl,sgl->sgc", w, d_sum.to(torch.float64)).reshape(slots, channels)
-        by_sq = torch.einsum("cl,scl->sc", w.reshape(channels, length), d_sq.to(torch.float64))
-        return torch.stack([by_sum, by_sq])
+        dtype = torch.promote_types(delta.dtype, torch.float32)
+        w = delta.to(dtype).reshape(groups, channels // groups, length)
+        by_sum = torch.einsum("gcl,sgl->sgc", w, d_sum.to(dtype)).reshape(slots, channels)
+        by_sq = (d_sq.to(dtype) * w.reshape(1, channels, length)).sum(-1)
+        return torch.stack([by_sum, by_sq]).to(torch.float64)
 
     @torch.no_grad()
     def _record(self, input: Tensor, link: Optional[_Link], weight: Optional[Tensor],
@@ -518,8 +529,8 @@ class CrossIterationBatchNorm(BatchNormBase):
         self._hist_sq[slot] = sq_t
         self._hist_has_d[slot] = float(weight is not None and link is not None)
         if weight is None or link is None:  # uncompensated: zero derivatives
-            self._hist_sum_w[slot] = 0
-            self._hist_sq_w[slot] = 0
+            self._hist_comp_sum[slot] = 0
+            self._hist_comp_sq[slot] = 0
             if self._hist_dsum is not None:
                 self._hist_dsum[slot] = 0
                 self._hist_dsq[slot] = 0
@@ -532,10 +543,8 @@ class CrossIterationBatchNorm(BatchNormBase):
             self._hist_dsq = d_sq.new_zeros((slots,) + tuple(d_sq.shape), dtype=store)
         self._hist_dsum[slot] = d_sum
         self._hist_dsq[slot] = d_sq
-        products = self._inner_products(weight, self._hist_dsum[slot:slot + 1],
-                                        self._hist_dsq[slot:slot + 1])
-        self._hist_sum_w[slot] = products[0, 0]
-        self._hist_sq_w[slot] = products[1, 0]
+        self._hist_comp_sum[slot] = 0
+        self._hist_comp_sq[slot] = 0
         bias = producer.bias if producer is not None else None
         if bias is not None:
             if self._hist_bias is None:

@@ -153,11 +153,12 @@ class CrossMiniBatchNorm(BatchNormBase):
         self._cycle_sums.zero_()
 
     def _train_forward(self, input: Tensor, group: Optional[Any]) -> Tensor:
-        sums = group_sums(input, group)  # fresh float64 buffer, one all-reduce
+        sums = group_sums(input, group, layer=self)  # fresh float64 buffer, one all-reduce
         if self._position > 0:
             sums.add_(self._cycle_sums)
         moments = moments_from_sums(sums, stats_dtype(input))
-        output = batch_norm_with_moments(input, moments, self.weight, self.bias, self.eps, group)
+        output = batch_norm_with_moments(input, moments, self.weight, self.bias, self.eps, group,
+                                         layer=self)
         self._position += 1
         if self._position >= self.accumulation_steps:
             self._update_running_stats(moments)

@@ -73,6 +73,7 @@ class SyncBatchNorm(BatchNormBase):
     def _train_forward(self, input: Tensor, group: Optional[Any]) -> Tensor:
         if group is None:  # no group, or a group of one: exactly nn.BatchNorm
             return _BatchNorm.forward(self, input)
-        moments = group_moments(input, group)
+        moments = group_moments(input, group, layer=self)
         self._update_running_stats(moments)
-        return batch_norm_with_moments(input, moments, self.weight, self.bias, self.eps, group)
+        return batch_norm_with_moments(input, moments, self.weight, self.bias, self.eps, group,
+                                       layer=self)
