@@ -1,4 +1,4 @@
-"""The ``distnorm`` command line: ``distnorm demo``, ``distnorm bench``."""
+"""The ``distnorm`` command line: ``distnorm demo``, ``distnorm train``, ``distnorm bench``, ``distnorm slurm``."""
 
 from __future__ import annotations
 
@@ -20,6 +20,26 @@ def _bench(argv: List[str]) -> int:
     return 0
 
 
+def _train(argv: List[str]) -> int:
+    """Run examples/detection/train.py of this checkout (it parses its own arguments)."""
+    relative = os.path.join("examples", "detection", "train.py")
+    roots = (os.getcwd(), os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    script = next((os.path.join(r, relative) for r in roots
+                   if os.path.exists(os.path.join(r, relative))), None)
+    if script is None:
+        print(f"distnorm train runs {relative} from a checkout of the repository (run it "
+              "from the repository root, or pip install -e the checkout)", file=sys.stderr)
+        return 2
+    old_argv, sys.argv = sys.argv, [script] + argv
+    try:
+        runpy.run_path(script, run_name="__main__")
+    except SystemExit as exit_:  # the job's own exit status
+        return exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
+    finally:
+        sys.argv = old_argv
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="distnorm", description="distnorm: batch "
@@ -27,12 +47,23 @@ def main(argv: Optional[List[str]] = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("demo", help="2-process CPU demo: synced BN over 2×2 equals BN over 4",
                    add_help=False)
+    sub.add_parser("train", help="detection-style small-batch training job "
+                   "(examples/detection/train.py; --norm bn|sync|cbn|brn|cmbn|gn|frozen)",
+                   add_help=False)
     sub.add_parser("bench", help="per-layer benchmark (benchmarks/layer.py)", add_help=False)
+    sub.add_parser("slurm", help="Slurm: submit jobs (submitit), sbatch helpers, cluster benchmark",
+                   add_help=False)
     args, rest = parser.parse_known_args(argv)
     if args.command == "demo":
         from .demo import main as demo_main
 
         return demo_main(rest)
+    if args.command == "train":
+        return _train(rest)
+    if args.command == "slurm":
+        from .launch.slurm import main as slurm_main
+
+        return slurm_main(rest)
     return _bench(rest)
 
 

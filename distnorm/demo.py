@@ -13,7 +13,6 @@ Run it with ``distnorm demo`` (or ``python -m distnorm.demo``).
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime
 import io
 import os

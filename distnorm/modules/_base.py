@@ -18,8 +18,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ..distributed import resolve_group
 from ..distributed.checks import NONFINITE_POLICIES
 from ..errors import layer_name
-from ..functional import update_running_stats
-from ..stats import Moments
+from ..functional import batch_norm_with_moments, update_running_stats
+from ..stats import Moments, group_moments
 
 __all__ = ["BatchNormBase", "check_input", "layer_name"]
 
@@ -91,6 +91,16 @@ class BatchNormBase(_BatchNorm):
     # -- shared pieces -------------------------------------------------------------
     def _tracks(self) -> bool:
         return self.training and self.track_running_stats and self.running_mean is not None
+
+    def _batch_norm_forward(self, input: Tensor, group: Optional[Any]) -> Tensor:
+        """Plain BatchNorm in training mode over ``group``: MegDet's cross-GPU BN, and
+        exactly ``nn.BatchNorm`` (torch's own kernels) when ``group`` is None."""
+        if group is None:
+            return _BatchNorm.forward(self, input)
+        moments = group_moments(input, group, layer=self)
+        self._update_running_stats(moments)
+        return batch_norm_with_moments(input, moments, self.weight, self.bias, self.eps, group,
+                                       layer=self)
 
     def _update_running_stats(self, moments: Moments) -> None:
         if self._tracks():

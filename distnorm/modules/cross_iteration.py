@@ -25,12 +25,11 @@ import warnings
 from typing import Any, Dict, NamedTuple, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..convert import register_variant
 from ..functional import batch_norm_with_moments
-from ..stats import Moments, all_reduce_sum, group_moments, moment_sums, moments_from_sums, stats_dtype
+from ..stats import Moments, group_sums, moments_from_sums, stats_dtype
 from ._base import BatchNormBase, layer_name
 
 __all__ = ["CrossIterationBatchNorm"]
@@ -461,7 +460,6 @@ class CrossIterationBatchNorm(BatchNormBase):
                         ) -> Tuple[Tensor, Moments, Tensor]:
         """One all-reduce, the compensated window moments, and the normalized output."""
         channels, slots = self.num_features, self.window - 1
-        sums = moment_sums(input)
         if compensate and self._hist_dsq is not None and self._prev_weight is not None:
             # ⟨∂_τ, W_t − W_τ⟩ telescoped: the last value plus ⟨∂_τ, W_t − W_{t−1}⟩. The
             # step is small, so the product is accurate in float32; sums in float64.
@@ -471,8 +469,9 @@ class CrossIterationBatchNorm(BatchNormBase):
             self._hist_comp_sq.add_(step[1])
             local = torch.stack([self._hist_comp_sum, self._hist_comp_sq])
         else:
-            local = sums.new_zeros(2, slots, channels)
-        buffer = all_reduce_sum(torch.cat([sums, local.flatten()]), group)
+            local = torch.zeros(2, slots, channels, dtype=torch.float64, device=input.device)
+        # The current moments and every past compensation: one all-reduce.
+        buffer = group_sums(input, group, layer=self, extra=local)
         sums, reduced = buffer[:2 * channels + 1], buffer[2 * channels + 1:].view(2, slots, channels)
 
         current = moments_from_sums(sums, torch.float64)
@@ -503,7 +502,7 @@ class CrossIterationBatchNorm(BatchNormBase):
         window_moments = Moments(current.count * k_eff, mean_w.to(dtype), var_w.to(dtype))
         with torch.enable_grad():  # batch_norm_with_moments (k'·M as the count)
             output = batch_norm_with_moments(input, window_moments, self.weight, self.bias,
-                                             self.eps, group)
+                                             self.eps, group, layer=self)
         return output, current, sq_t
 
     @staticmethod
@@ -550,22 +549,6 @@ class CrossIterationBatchNorm(BatchNormBase):
             if self._hist_bias is None:
                 self._hist_bias = torch.zeros_like(self._hist_mean)
             self._hist_bias[slot] = bias.detach().to(torch.float64)
-
-    def _batch_norm_forward(self, input: Tensor, group: Optional[Any]) -> Tensor:
-        """Plain BatchNorm (burn-in, window 1): torch's kernels when local, exactly."""
-        if group is not None:
-            moments = group_moments(input, group)
-            self._update_running_stats(moments)
-            return batch_norm_with_moments(input, moments, self.weight, self.bias, self.eps, group)
-        if self._tracks():
-            self.num_batches_tracked.add_(1)
-            factor = (1.0 / float(self.num_batches_tracked) if self.momentum is None
-                      else self.momentum)
-        else:
-            factor = 0.0 if self.momentum is None else self.momentum
-        return F.batch_norm(input, self.running_mean if self._tracks() else None,
-                            self.running_var if self._tracks() else None,
-                            self.weight, self.bias, True, factor, self.eps)
 
     def extra_repr(self) -> str:
         text = super().extra_repr() + f", window={self.window}, burn_in={self.burn_in}, rho={self.rho}"

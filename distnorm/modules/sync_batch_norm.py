@@ -5,11 +5,8 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from torch import Tensor
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..convert import register_variant
-from ..functional import batch_norm_with_moments
-from ..stats import group_moments
 from ._base import BatchNormBase
 
 __all__ = ["SyncBatchNorm"]
@@ -71,9 +68,4 @@ class SyncBatchNorm(BatchNormBase):
                          process_group, device=device, dtype=dtype)
 
     def _train_forward(self, input: Tensor, group: Optional[Any]) -> Tensor:
-        if group is None:  # no group, or a group of one: exactly nn.BatchNorm
-            return _BatchNorm.forward(self, input)
-        moments = group_moments(input, group, layer=self)
-        self._update_running_stats(moments)
-        return batch_norm_with_moments(input, moments, self.weight, self.bias, self.eps, group,
-                                       layer=self)
+        return self._batch_norm_forward(input, group)
