@@ -1,13 +1,22 @@
 """distnorm: batch normalization for small per-GPU batches.
 
-Public API (see the README): the layers, ``convert_model`` / ``revert_model`` and
-``distnorm.distributed.group_by``.
+Public API (see the README): the layers, ``convert_model`` / ``revert_model``,
+``reset_accumulation`` and ``distnorm.distributed.group_by``.
 """
 
-from . import distributed, functional, schedules, stats
+from . import distributed, errors, functional, schedules, stats
 from .convert import convert_model, register_variant, revert_model, variants
-from .modules import BatchRenorm, CrossMiniBatchNorm, FrozenBatchNorm, GroupNorm, SyncBatchNorm, reset_accumulation
-from .modules import CrossIterationBatchNorm
+from .errors import NonFiniteError, SyncError
+from .modules import (
+    BatchRenorm,
+    CrossIterationBatchNorm,
+    CrossMiniBatchNorm,
+    FrozenBatchNorm,
+    GroupNorm,
+    SyncBatchNorm,
+    accumulation_steps_from,
+    reset_accumulation,
+)
 
 __version__ = "0.1.0"
 
@@ -17,14 +26,18 @@ __all__ = [
     "CrossMiniBatchNorm",
     "FrozenBatchNorm",
     "GroupNorm",
+    "NonFiniteError",
     "SyncBatchNorm",
+    "SyncError",
+    "accumulation_steps_from",
     "convert_model",
     "distributed",
+    "errors",
     "functional",
     "register_variant",
-    "schedules",
     "reset_accumulation",
     "revert_model",
+    "schedules",
     "stats",
     "variants",
 ]

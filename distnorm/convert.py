@@ -8,7 +8,10 @@ from __future__ import annotations
 
 from typing import Any, Callable, Dict, Optional, Tuple, Type, TypeVar
 
+import warnings
+
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 __all__ = ["convert_model", "register_variant", "revert_model", "variants"]
 
@@ -51,6 +54,26 @@ def _source_types() -> Tuple[type, ...]:
         pass
     types.extend(cls for cls, revertible in _VARIANTS.values() if revertible)
     return tuple(types)
+
+
+def _is_norm_act(module: nn.Module) -> bool:
+    """A BatchNorm that applies parameter-free ``drop`` then ``act`` children to its
+    output: timm's ``BatchNormAct2d`` (EfficientNet, MobileNetV3, RegNet and most
+    recent timm families), or a distnorm layer converted from one."""
+    batch_norm_like = isinstance(module, _BatchNorm) or hasattr(module, "_distnorm_source")
+    return (batch_norm_like and isinstance(module._modules.get("act"), nn.Module)
+            and isinstance(module._modules.get("drop"), nn.Module))
+
+
+def _apply_drop_act(module: nn.Module, args: Any, output: Any) -> Any:
+    return module.act(module.drop(output))
+
+
+def _carry_norm_act(source: nn.Module, layer: nn.Module) -> None:
+    """Keep a BatchNormAct's ``drop`` and ``act`` on the converted layer, applied after
+    the normalization (same state_dict keys: they hold no parameters)."""
+    layer.drop, layer.act = source.drop, source.act
+    layer.register_forward_hook(_apply_drop_act)
 
 
 def _replace(root: nn.Module, swap: Callable[[str, nn.Module], Optional[nn.Module]]) -> nn.Module:
@@ -115,7 +138,11 @@ def convert_model(module: nn.Module, mode: str = "sync", process_group: Optional
     sources = _source_types()
 
     def swap(name: str, child: nn.Module) -> Optional[nn.Module]:
-        if type(child) not in sources:
+        fused = _is_norm_act(child)
+        if type(child) not in sources and not fused:
+            if isinstance(child, _BatchNorm) and not isinstance(child, target):
+                warnings.warn(f"convert_model: left {type(child).__name__} '{name}' unconverted: "
+                              "it subclasses BatchNorm with a forward of its own")
             return None
         try:
             new = target.from_batch_norm(child, process_group=process_group, **options)
@@ -123,6 +150,8 @@ def convert_model(module: nn.Module, mode: str = "sync", process_group: Optional
             raise TypeError(f"convert_model(mode={mode!r}): bad options {sorted(options)} "
                             f"for {target.__name__}: {error}") from error
         new._distnorm_name = name or type(child).__name__
+        if fused:
+            _carry_norm_act(child, new)
         return new
 
     return _replace(module, swap)
@@ -163,6 +192,9 @@ def revert_model(module: nn.Module) -> nn.Module:
                     device=ref.device if ref is not None else None,
                     dtype=ref.dtype if ref is not None else None)
         share_state(child, bn)
+        for extra in ("drop", "act"):  # a BatchNormAct's activation, kept as it was
+            if extra in child._modules and extra in bn._modules:
+                bn._modules[extra] = child._modules[extra]
         return bn
 
     return _replace(module, swap)

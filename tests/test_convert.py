@@ -443,3 +443,59 @@ def test_gn_is_one_way():
     model = distnorm.convert_model(_resnet18(), mode="gn")
     with pytest.raises(ValueError, match=r"cannot revert GroupNorm 'bn1'.*one-way"):
         distnorm.revert_model(model)
+
+
+# -- BatchNorm subclasses ----------------------------------------------------------------
+
+class _NormAct(nn.BatchNorm2d):
+    """The shape of timm's BatchNormAct2d: BN, then parameter-free drop and act."""
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
+                 track_running_stats=True, device=None, dtype=None):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats,
+                         device=device, dtype=dtype)
+        self.drop, self.act = nn.Identity(), nn.SiLU()
+
+    def forward(self, x):
+        return self.act(self.drop(super().forward(x)))
+
+
+_NormAct.__name__ = "BatchNormActLike"
+
+
+class _CustomBN(nn.BatchNorm2d):
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+def test_norm_act_subclass_keeps_its_activation_through_convert_and_revert():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), _NormAct(4))
+    x = torch.randn(2, 3, 6, 6)
+    expected = model(x)
+    keys = list(model.state_dict())
+    distnorm.convert_model(model, mode="sync")
+    assert type(model[1]) is distnorm.SyncBatchNorm and isinstance(model[1].act, nn.SiLU)
+    assert list(model.state_dict()) == keys
+    torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+    distnorm.convert_model(model, mode="frozen")  # a converted norm-act converts again
+    assert isinstance(model[1].act, nn.SiLU)
+    distnorm.convert_model(model, mode="brn")  # frozen → brn keeps it too
+    assert isinstance(model[1].act, nn.SiLU)
+    distnorm.revert_model(model)
+    assert type(model[1]) is _NormAct and isinstance(model[1].act, nn.SiLU)
+    model.eval()
+    torch.testing.assert_close(model(x), nn.Sequential(model[0], _bn_eval_then_silu(model[1]))(x))
+
+
+def _bn_eval_then_silu(layer):
+    bn = nn.BatchNorm2d(layer.num_features).eval()
+    bn.load_state_dict(layer.state_dict())
+    return nn.Sequential(bn, nn.SiLU())
+
+
+def test_unknown_batch_norm_subclass_is_left_alone_with_a_warning():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), _CustomBN(4))
+    with pytest.warns(UserWarning, match=r"left _CustomBN '1' unconverted"):
+        distnorm.convert_model(model, mode="sync")
+    assert type(model[1]) is _CustomBN

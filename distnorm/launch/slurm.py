@@ -452,7 +452,6 @@ class DistributedTask:
                 raise RuntimeError(f"{self.what} exited with status {stop.code!r}") from None
         finally:
             sys.argv, sys.path[:] = saved_argv, saved_path
-        return None
 
 
 # ------------------------------------------------------------------------- submission
@@ -573,7 +572,7 @@ def bench_node(out: str = DEFAULT_BENCH_OUT, args: Sequence[str] = (), script: s
     os.makedirs(node_dir, exist_ok=True)
     cmd = [sys.executable, script, "--out", node_dir, *map(str, args)]
     start = datetime.datetime.now()
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.run(cmd, check=False, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     with open(os.path.join(node_dir, "log.txt"), "w") as f:
         f.write(proc.stdout)
     payload = _read_node(node_dir)
@@ -599,9 +598,9 @@ def _bench_table(payloads: Sequence[Dict[str, Any]], job_id: Any) -> str:
     for p in payloads:
         for r in (p.get("json") or {}).get("results", []):
             impls += [n for n in r.get("impls", {}) if n not in impls]
-    lines = [f"# Per-layer benchmark, Slurm job {job_id}: {len(payloads)} node(s)", "",
-             "`benchmarks/layer.py` on every node (its own gloo ranks, one thread each); "
-             "fwd+bwd of one layer, median ms of the slowest rank. Per-node details: node*/layer_cpu.md.", ""]
+    note = ("`benchmarks/layer.py` on every node (its own gloo ranks, one thread each); fwd+bwd of one "
+            "layer, median ms of the slowest rank. Per-node details: node*/layer_cpu.md.")
+    lines = [f"# Per-layer benchmark, Slurm job {job_id}: {len(payloads)} node(s)", "", note, ""]
     head = ["node", "host", "W", "shape"] + [f"{n} ms" for n in impls]
     if "distnorm" in impls and "local" in impls:
         head.append("distnorm / local")
@@ -609,7 +608,8 @@ def _bench_table(payloads: Sequence[Dict[str, Any]], job_id: Any) -> str:
     for p in sorted(payloads, key=lambda p: p["node"]):
         rows = (p.get("json") or {}).get("results", [])
         if p.get("returncode") != 0 or not rows:
-            lines.append(f"| {p['node']} | {p['host']} | failed (exit {p.get('returncode')}) |" + " |" * (len(head) - 3))
+            failed = f"| {p['node']} | {p['host']} | failed (exit {p.get('returncode')}) |"
+            lines.append(failed + " |" * (len(head) - 3))
             continue
         for r in rows:
             ms = {n: v.get("fwd_bwd_ms") for n, v in r.get("impls", {}).items()}
@@ -633,8 +633,17 @@ def _write_bench(out: str, payloads: Sequence[Dict[str, Any]], job_id: Any) -> s
     return os.path.join(out, "results.md")
 
 
-def collect_bench(out: str, job_id: Any = "?") -> str:
-    """Rebuild ``OUT/results.md`` from the ``OUT/node*/`` folders (no Slurm needed)."""
+def collect_bench(out: str, job_id: Any = None) -> str:
+    """Rebuild ``OUT/results.md`` from the ``OUT/node*/`` folders (no Slurm needed).
+
+    ``job_id`` defaults to the one recorded in ``OUT/results.json``, if any.
+    """
+    if job_id is None:
+        try:
+            with open(os.path.join(out, "results.json")) as f:
+                job_id = json.load(f).get("job_id", "?")
+        except (OSError, ValueError):
+            job_id = "?"
     payloads = []
     for name in sorted(os.listdir(out)):
         match = re.fullmatch(r"node(\d+)-(.+)", name)
@@ -656,6 +665,9 @@ def submit_bench(nodes: int = 1, out: str = DEFAULT_BENCH_OUT, args: Sequence[st
     """
     if not os.path.isfile(script):
         raise FileNotFoundError(f"benchmark script {script!r} not found: submit from the repository root")
+    if slurm.pop("tasks_per_node", None) not in (None, 1):
+        raise ValueError("the benchmark runs one task per node (it spawns its own ranks): "
+                         "give it cores with cpus_per_task instead of tasks_per_node")
     return submit(bench_node, kwargs=dict(out=os.path.abspath(out), args=list(args),
                                           script=os.path.abspath(script)),
                   nodes=nodes, tasks_per_node=1, cpus_per_task=cpus_per_task,
@@ -710,7 +722,7 @@ def _finish(job: Any, wait: bool) -> int:
     except Exception as error:  # submitit's FailedJobError carries the failing task's stderr
         print(f"Slurm job {job.job_id} failed: {error}", file=sys.stderr)
         return 1
-    out = job.stdout()
+    out = (job.task(0) if job.num_tasks > 1 else job).stdout()  # rank 0's
     if out:
         print(out, end="" if out.endswith("\n") else "\n")
     print(f"Slurm job {job.job_id} completed", flush=True)

@@ -2,9 +2,18 @@
 
 from .batch_renorm import BatchRenorm
 from .cross_iteration import CrossIterationBatchNorm
-from .cross_mini_batch import CrossMiniBatchNorm, reset_accumulation
+from .cross_mini_batch import CrossMiniBatchNorm, accumulation_steps_from, reset_accumulation
 from .frozen import FrozenBatchNorm
 from .group_norm import GroupNorm
 from .sync_batch_norm import SyncBatchNorm
 
-__all__ = ["BatchRenorm", "CrossIterationBatchNorm", "CrossMiniBatchNorm", "FrozenBatchNorm", "GroupNorm", "SyncBatchNorm", "reset_accumulation"]
+__all__ = [
+    "BatchRenorm",
+    "CrossIterationBatchNorm",
+    "CrossMiniBatchNorm",
+    "FrozenBatchNorm",
+    "GroupNorm",
+    "SyncBatchNorm",
+    "accumulation_steps_from",
+    "reset_accumulation",
+]
