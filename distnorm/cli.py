@@ -30,14 +30,20 @@ def _train(argv: List[str]) -> int:
         print(f"distnorm train runs {relative} from a checkout of the repository (run it "
               "from the repository root, or pip install -e the checkout)", file=sys.stderr)
         return 2
-    old_argv, sys.argv = sys.argv, [script] + argv
+    import importlib.util
+
+    name = "distnorm_example_detection_train"
+    module = sys.modules.get(name)
+    if module is None:
+        spec = importlib.util.spec_from_file_location(name, script)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
     try:
-        runpy.run_path(script, run_name="__main__")
-    except SystemExit as exit_:  # the job's own exit status
+        return int(module.main(argv, prog="distnorm train"))
+    except SystemExit as exit_:  # argparse: --help, bad arguments
         return exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
-    finally:
-        sys.argv = old_argv
-    return 0
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -66,8 +66,11 @@ class _BatchNormWithMoments(torch.autograd.Function):
             sum_g, sum_gxhat = sum_g.to(mean.dtype), sum_gxhat.to(mean.dtype)
         grad_x = None
         if need_x:
-            sums = all_reduce_sum(torch.cat([sum_g, sum_gxhat]), ctx.group, layer=ctx.layer,
-                                  what="backward")
+            local = torch.cat([sum_g, sum_gxhat])
+            if ctx.group is not None and getattr(ctx.layer, "nonfinite", None) == "skip":
+                # A rank left out of the forward statistics stays out of their gradient.
+                local = torch.where(torch.isfinite(local).all(), local, torch.zeros_like(local))
+            sums = all_reduce_sum(local, ctx.group, layer=ctx.layer, what="backward")
             total_g, total_gxhat = sums[:channels], sums[channels:]
             m = count.to(mean.dtype).clamp(min=1)
             scale = invstd if weight is None else invstd * weight.to(mean.dtype)

@@ -57,6 +57,14 @@ def _state(layer: Any) -> Dict[str, Any]:
     return state
 
 
+def _identity(layer: Any) -> str:
+    """What tells layers apart across ranks: the qualified name ``convert_model``
+    recorded, else the layer's creation index in this process (models are built the
+    same way on every rank, so the n-th layer built is the same layer everywhere)."""
+    name = getattr(layer, "_distnorm_name", None)
+    return f"{type(layer).__name__} {name}" if name else f"#{getattr(layer, '_distnorm_index', -1)}"
+
+
 def _ranks(group: Any) -> List[int]:
     return dist.get_process_group_ranks(group)
 
@@ -140,7 +148,7 @@ def checked_all_reduce(buffer: Tensor, group: Any, layer: Any, what: str) -> Ten
     _drain(state)
     calls = state["calls"].get(what, 0) + 1
     state["calls"][what] = calls
-    tag = zlib.crc32(f"{layer_name(layer)}|{what}".encode()) % _MOD
+    tag = zlib.crc32(f"{_identity(layer)}|{what}".encode()) % _MOD
     count = calls % _MOD
     if what not in state["checked"] or _debug():
         _exchange_header(layer, what, group,

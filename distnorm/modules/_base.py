@@ -9,6 +9,7 @@ _BatchNorm)`` check in users' code (weight-decay exclusion, freezing) working.
 from __future__ import annotations
 
 import copy
+import itertools
 from typing import Any, Dict, Optional
 
 import torch.nn.functional as F
@@ -22,6 +23,8 @@ from ..functional import batch_norm_with_moments, update_running_stats
 from ..stats import Moments, group_moments
 
 __all__ = ["BatchNormBase", "check_input", "layer_name"]
+
+_CREATED = itertools.count()
 
 
 def check_input(layer: nn.Module, x: Tensor, num_features: int) -> None:
@@ -53,6 +56,8 @@ class BatchNormBase(_BatchNorm):
         super().__init__(num_features, eps, momentum, affine, track_running_stats,
                          device=device, dtype=dtype)
         self.process_group = process_group
+        # Creation order: tells unnamed layers apart in the cross-rank checks.
+        self._distnorm_index = next(_CREATED)
 
     @property
     def nonfinite(self) -> str:
