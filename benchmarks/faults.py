@@ -1,0 +1,318 @@
+"""The fault matrix of issue 10, measured: each fault once, the time to the error.
+
+Runs the very scenarios of ``tests/test_faults.py`` (its ``fault_*`` functions and
+workers), each on fresh gloo ranks forked for the case (group timeout
+``PG_TIMEOUT_S`` = 10 s), and records per fault what distnorm did, the time from the
+start of the faulty step to the error on the last rank that raised, and the message
+(rank 0's, or the first rank that raised). The rows that are no error (empty
+batches, fp16, large offsets, checkpoints) are run too and report what was checked.
+
+Usage::
+
+    python benchmarks/faults.py                 # SyncBatchNorm ("sync"), ~30 s
+    python benchmarks/faults.py --mode brn      # another synced variant
+
+Results: ``<out>/faults.md`` and ``<out>/faults.json`` (``--out``, default
+``benchmarks/results``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+from typing import Any, Dict, List, Optional, Sequence
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path[:0] = [HERE, ROOT]
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from _common import machine_info  # noqa: E402
+from tests import test_faults as tf  # noqa: E402
+
+DEFAULT_OUT = os.path.join(HERE, "results")
+MESSAGE_CHARS = 160
+
+
+def _provenance() -> Dict[str, Any]:
+    info: Dict[str, Any] = {}
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "distnorm"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=10)
+        if head.returncode == 0:
+            info["git_head"] = head.stdout.strip()
+            info["distnorm_uncommitted_changes"] = bool(dirty.stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return info
+
+
+def _ranks_that(run: tf.FaultRun, status: str) -> List[int]:
+    return [r for r, res in enumerate(run.results) if res["status"] == status]
+
+
+def _error_row(row: str, fault: str, run: tf.FaultRun, how: str) -> Dict[str, Any]:
+    """A row whose fault should end in an error: what each rank did, timed."""
+    raised = run.raised()
+    kinds = sorted({run.results[r]["type"] for r in raised})
+    parts = []
+    if raised:
+        parts.append(f"{'/'.join(kinds)} on rank{'s' if len(raised) > 1 else ''} "
+                     f"{', '.join(map(str, raised))}")
+    died = _ranks_that(run, "died")
+    for r in died:
+        code = run.results[r]["exitcode"]
+        name = {-9: "SIGKILL", -6: "SIGABRT"}.get(code, f"exit {code}")
+        parts.append(f"rank {r} died ({name})")
+    ok = _ranks_that(run, "ok")
+    if ok:
+        parts.append(f"rank{'s' if len(ok) > 1 else ''} {', '.join(map(str, ok))} "
+                     "finished without error")
+    hung = _ranks_that(run, "missing")
+    if hung:
+        parts.append(f"ranks {hung} HUNG")
+    first = raised[0] if raised else None
+    message = run.results[first]["message"] if first is not None else ""
+    return {"row": row, "fault": fault, "does": "; ".join(parts) + f" — {how}",
+            "time_to_error_s": run.time_to_error(), "wall_s": run.wall_s,
+            "message_rank": first, "message": message,
+            "processes_left": run.alive_after, "hung": bool(hung)}
+
+
+def _plain_row(row: str, fault: str, does: str, run: tf.FaultRun, ok: bool,
+               detail: Dict[str, Any]) -> Dict[str, Any]:
+    """A row that is no error: what was checked, and whether it held."""
+    failed = [r for r, res in enumerate(run.results) if res["status"] != "ok"]
+    if failed:
+        ok = False
+        does += f" — FAILED on ranks {failed}"
+    return {"row": row, "fault": fault, "does": does if ok else does + " — CHECK FAILED",
+            "time_to_error_s": None, "wall_s": run.wall_s, "message_rank": None,
+            "message": "", "processes_left": run.alive_after, "hung": False, "ok": ok,
+            "detail": detail}
+
+
+# -- the rows that are no error ---------------------------------------------------------
+def _row5(mode: str) -> Dict[str, Any]:
+    case = tf._empty_case()
+    run = tf.run_fault("row 5", tf._w_empty, 2, mode, tf.BN_EQUIVALENT.get(mode, {}), case)
+    ok = True
+    if all(res["status"] == "ok" for res in run.results):
+        for s, sizes in enumerate(tf.EMPTY_SIZES):
+            for r in range(2):
+                out = run.value(r)[s]
+                ok &= out["y"].shape[0] == sizes[r] and bool(torch.isfinite(out["y"]).all())
+                if sum(sizes) == 0:
+                    ok &= all(torch.equal(g, torch.zeros_like(g)) for g in out["param_grads"].values())
+                    if s > 0:
+                        prev = run.value(r)[s - 1]
+                        ok &= all(torch.equal(out[k], prev[k])
+                                  for k in ("running_mean", "running_var", "nbt"))
+    return _plain_row("5", "empty batch on every rank / on some ranks (batch sizes per step "
+                      f"{tf.EMPTY_SIZES})",
+                      "no error, no hang: empty output, zero parameter gradients and running "
+                      "statistics untouched (bit for bit) when every rank is empty; BatchNorm of "
+                      "the concatenated batch when some are", run, ok, {})
+
+
+def _row8(mode: str) -> Dict[str, Any]:
+    shards = tf._fp16_case()
+    run = tf.run_fault("row 8", tf._w_fp16, 2, mode, tf.BN_EQUIVALENT.get(mode, {}), shards)
+    x64 = torch.cat(shards).double()
+    var64 = x64.var((0, 2, 3), unbiased=False)
+    detail: Dict[str, Any] = {}
+    ok = True
+    if all(res["status"] == "ok" for res in run.results):
+        _, mean, var = run.value(0)["moments"]
+        detail["var_rel_err"] = ((var.double() - var64).abs() / var64).max().item()
+        ok = bool(torch.isfinite(mean).all() and torch.isfinite(var).all())
+        for dtype in ("torch.float32", "torch.float16"):
+            ok &= all(bool(torch.isfinite(t).all()) for t in run.value(0)[dtype].values())
+    return _plain_row("8", "fp16 input, mean 1000 / std 100 (x² and Σx overflow fp16)",
+                      "statistics finite: float32 accumulation, float64 reduction; variance "
+                      f"relative error {detail.get('var_rel_err', math.nan):.1e} vs float64; fp16 "
+                      "and fp32 layers alike", run, ok, detail)
+
+
+def _row9(mode: str) -> Dict[str, Any]:
+    modes = [mode] if mode in tf.BN_EQUIVALENT else []
+    cases = [tf._offset_shards(m, s) for m, s in tf.OFFSETS]
+    run = tf.run_fault("row 9", tf._w_offsets, 2, modes, cases)
+    detail: Dict[str, Any] = {}
+    ok = bool(modes)
+    if modes and all(res["status"] == "ok" for res in run.results):
+        for c, ((mean, std), shards) in enumerate(zip(tf.OFFSETS, cases)):
+            x32 = torch.cat(shards)
+            x64 = x32.double()
+            var64 = x64.var((0, 2, 3), unbiased=True)
+            bn = nn.BatchNorm2d(3, momentum=1.0)
+            bn(x32)
+            err_bn = ((bn.running_var.double() - var64).abs() / var64).max().item()
+            err = max(((run.value(r)[mode, c]["running_var"].double() - var64).abs() / var64).max().item()
+                      for r in range(2))
+            detail[f"mean {mean:g} std {std:g}"] = {"var_rel_err_distnorm": err, "var_rel_err_nn_bn": err_bn}
+            ok &= err <= 2 * err_bn + 2.5e-7
+    worst = max(detail.values(), key=lambda d: d["var_rel_err_distnorm"], default=None)
+    text = ("synced statistics as accurate as nn.BatchNorm (fp32) on the concatenated batch, both "
+            "against float64 (float64 reduction of exact local moments)")
+    if worst:
+        text += (f"; worst variance error {worst['var_rel_err_distnorm']:.1e} vs nn.BatchNorm's "
+                 f"{worst['var_rel_err_nn_bn']:.1e}")
+    return _plain_row("9", "|mean|/std up to 1e5: (1e4, 1), (-1e3, 0.1), (1e2, 1e-3), (0, 1e-3)",
+                      text, run, ok, detail)
+
+
+def _row10(mode: str) -> Dict[str, Any]:
+    with tempfile.TemporaryDirectory() as directory:
+        run = tf.run_fault("row 10", tf._w_resume, 2, mode, directory)
+        ok = True
+        if all(res["status"] == "ok" for res in run.results):
+            for r in range(2):
+                out = run.value(r)
+                ok &= torch.equal(out["y_straight"], out["y_resumed"])
+                ok &= all(torch.equal(v, out["resumed"][k]) for k, v in out["straight"].items())
+        modes = ["bn"] + [m for m in tf.SYNCED if m in ("sync", "brn", "cmbn", "cbn")]
+        cross = tf.run_fault("row 10 cross", tf._w_cross_variant, 2, modes, directory)
+        if all(res["status"] == "ok" for res in cross.results):
+            for r in range(2):
+                ok &= all(v == {"same_eval": True, "finite": True, "missing": []}
+                          for v in cross.value(r).values())
+        else:
+            ok = False
+    run.wall_s += cross.wall_s
+    return _plain_row("10", "checkpoint saved on rank 0 mid-training, loaded on all ranks; "
+                      f"loaded into {', '.join(modes)}",
+                      "training resumes bit-identically (parameters, buffers, outputs); state_dicts "
+                      "load strictly across variants and give identical eval outputs", run, ok, {})
+
+
+# -- the table ---------------------------------------------------------------------------
+def collect(mode: str) -> List[Dict[str, Any]]:
+    rows: List[Dict[str, Any]] = []
+    header = "header check, first call of each layer and direction"
+    rows.append(_error_row("1", "a branch with a synced layer skipped on rank 1 (first step)",
+                           tf.fault_skip_first(mode), header))
+    rows.append(_error_row("1", "early exit on rank 1 (fewer synced calls, first step)",
+                           tf.fault_early_exit(mode), header))
+    rows.append(_error_row("1", "branch skipped on rank 1 at step 3, equal payload sizes",
+                           tf.fault_skip_later(mode), "tag/counter guard in the payload"))
+    rows.append(_error_row("1", "branch skipped on rank 1 at step 3, payload sizes differ",
+                           tf.fault_skip_later(mode, head_channels=6),
+                           "not checked after the first call: gloo aborts the receiving rank, the "
+                           "peer sees the closed connection"))
+    rows.append(_error_row("1", "same, with DISTNORM_DEBUG=1",
+                           tf.fault_skip_later(mode, debug=True, head_channels=6),
+                           "header check at every call"))
+    if mode == "sync":
+        rows.append(_error_row("1", "branch skipped on rank 1 (first step), layers built as "
+                               "distnorm.SyncBatchNorm(...) without convert_model, forward only",
+                               tf.run_fault("row 1 direct", tf._w_direct_skip, 2),
+                               "header check; unnamed layers are told apart by their creation "
+                               "order"))
+    rows.append(_error_row("2", "synced layers called in another order on rank 1",
+                           tf.fault_call_order(mode), header))
+    rows.append(_error_row("3", "rank 1 in eval mode, rank 0 trains", tf.fault_eval_rank(mode),
+                           f"the group's timeout ({tf.PG_TIMEOUT_S:g} s); eval makes no collective"))
+    rows.append(_error_row("4", "4 channels on rank 0, 6 on rank 1 (same layer)",
+                           tf.fault_channels(mode), header + " (payload sizes listed)"))
+    rows.append(_row5(mode))
+    rows.append(_error_row("6", "rank 2 of 3 SIGKILLed between forward and backward",
+                           tf.fault_killed(mode), "collective failure re-raised, before the timeout"))
+    nonfinite = _nonfinite_as_fault(mode)
+    goes_on = all(res.get("next_finite") for res in nonfinite.results)
+    rows.append(_error_row("7", "NaN in rank 1's input (3 ranks), nonfinite='raise'", nonfinite,
+                           "rank bitmask in the forward all-reduce; "
+                           + ("the next (finite) step works on every rank" if goes_on
+                              else "the next step FAILED")))
+    rows.append(_skip_row(mode))
+    rows.append(_row8(mode))
+    rows.append(_row9(mode))
+    rows.append(_row10(mode))
+    return rows
+
+
+def _nonfinite_as_fault(mode: str) -> tf.FaultRun:
+    """Row 7 catches its NonFiniteError to show the run goes on; present it as raised."""
+    run = tf.fault_nonfinite(mode)
+    for res in run.results:
+        if res["status"] == "ok" and res["value"]["error"] is not None:
+            res["next_finite"] = bool(torch.isfinite(res["value"]["next_y"]).all())
+            err = res["value"]["error"]
+            res.update(status="raised", type="NonFiniteError", sync=True, nonfinite=True,
+                       message=err["message"], elapsed=err["elapsed"], traceback="")
+    return run
+
+
+def _skip_row(mode: str) -> Dict[str, Any]:
+    shards, grads, healthy, ref, ref_y, ref_grad = tf._skip_case()
+    options = tf.BN_EQUIVALENT.get(mode, {})
+    run = tf.run_fault("row 7 skip", tf._w_nonfinite_skip, 3, mode, options, shards, grads)
+    detail: Dict[str, Any] = {}
+    ok = True
+    if all(res["status"] == "ok" for res in run.results):
+        detail["y_err"] = max((run.value(r)["y"] - ref_y[r]).abs().max().item() for r in healthy)
+        detail["grad_nan_on_healthy_ranks"] = any(bool(run.value(r)["grad"].isnan().any())
+                                                  for r in healthy)
+        ok = detail["y_err"] < 1e-9
+    does = (f"healthy ranks' outputs = BatchNorm over the healthy ranks (max error "
+            f"{detail.get('y_err', math.nan):.0e}); the NaN rank is left out of the statistics "
+            "and of their gradient")
+    if detail.get("grad_nan_on_healthy_ranks"):
+        does += "; BUT backward still sums the NaN rank in: healthy input gradients are NaN (bug)"
+    return _plain_row("7", "same, nonfinite='skip'", does, run, ok, detail)
+
+
+def _cell(text: str) -> str:
+    return " ".join(str(text).split()).replace("|", "\\|")
+
+
+def markdown(rows: Sequence[Dict[str, Any]], meta: Dict[str, Any]) -> str:
+    lines = [f"# The fault matrix (issue 10), measured — `{meta['mode']}`", "",
+             f"W = 2 gloo ranks on CPU (3 for rows 6 and 7), group timeout {tf.PG_TIMEOUT_S:g} s; "
+             f"torch {meta['torch']}, {meta['cpu_count']} CPUs, load {meta['loadavg_at_start'][0]:.1f} "
+             f"at start, {meta['date']}. Time to error: from the start of the faulty step to the "
+             "error on the last rank that raised. Message: the first rank that raised, first "
+             f"{MESSAGE_CHARS} characters. Generated by `python benchmarks/faults.py`; every row is "
+             "a test in `tests/test_faults.py`.", "",
+             "| # | fault | what distnorm does | time to error | message (first 160 chars) |",
+             "|---|---|---|---|---|"]
+    for row in rows:
+        t = row["time_to_error_s"]
+        when = "— (no error)" if t is None else f"{t * 1e3:.0f} ms" if t < 1 else f"{t:.1f} s"
+        message = row["message"][:MESSAGE_CHARS] + ("…" if len(row["message"]) > MESSAGE_CHARS else "")
+        lines.append(f"| {row['row']} | {_cell(row['fault'])} | {_cell(row['does'])} | {when} | "
+                     f"{'`' + _cell(message) + '`' if message else ''} |")
+    left = [r for r in rows if r["processes_left"]]
+    lines += ["", "No process was left behind." if not left else f"Processes left behind: {left}"]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--mode", default="sync", choices=tf.SYNCED, help="synced variant (default sync)")
+    parser.add_argument("--out", default=DEFAULT_OUT, help="results folder (default: benchmarks/results)")
+    args = parser.parse_args(argv)
+    meta = dict(machine_info(), **_provenance(), mode=args.mode, pg_timeout_s=tf.PG_TIMEOUT_S)
+    rows = collect(args.mode)
+    os.makedirs(args.out, exist_ok=True)
+    md = markdown(rows, meta)
+    with open(os.path.join(args.out, "faults.md"), "w") as f:
+        f.write(md)
+    with open(os.path.join(args.out, "faults.json"), "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=2, default=str)
+    print(md)
+    bad = [r for r in rows if r["hung"] or r["processes_left"] or r.get("ok") is False]
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
