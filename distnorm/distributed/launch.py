@@ -116,7 +116,7 @@ def init_from_env(backend: Optional[str] = None, timeout: float = 300.0) -> Dist
 
     Returns:
         This worker's :class:`DistEnv`. An already-initialized process group is
-        left as it is.
+        left as it is (its rank and size are returned).
 
     Raises:
         RendezvousError: a rendezvous variable is missing or malformed.
@@ -124,15 +124,20 @@ def init_from_env(backend: Optional[str] = None, timeout: float = 300.0) -> Dist
 
     Example::
 
-        >>> env = distnorm.distributed.launch.init_from_env()   # under torchrun
+        >>> from distnorm.distributed.launch import init_from_env
+        >>> env = init_from_env()                    # under torchrun, Slurm, run_local
         >>> model = DistributedDataParallel(distnorm.convert_model(model), ...)
     """
-    info = env_from()
     if dist.is_available() and dist.is_initialized():
-        return info
+        env = os.environ
+        return DistEnv(dist.get_rank(), dist.get_world_size(), _int(env, "LOCAL_RANK", 0),
+                       _int(env, "LOCAL_WORLD_SIZE", 1), env.get("MASTER_ADDR", ""),
+                       _int(env, "MASTER_PORT", 0))
+    info = env_from()
     backend = backend or default_backend()
     if backend == "nccl":
-        torch.cuda.set_device(info.local_rank)
+        # Modulo: with --gpus-per-task=1 (Slurm) each task sees only its own GPU.
+        torch.cuda.set_device(info.local_rank % max(torch.cuda.device_count(), 1))
     try:
         dist.init_process_group(backend, init_method="env://", rank=info.rank,
                                 world_size=info.world_size,
