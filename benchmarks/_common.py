@@ -22,37 +22,43 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Any
 
-__all__ = ["Case", "run_ranks", "summarize", "time_interleaved", "machine_info"]
+__all__ = ["Case", "machine_info", "run_ranks", "summarize", "time_interleaved"]
 
 
 # -- spawning ranks ----------------------------------------------------------------------
 
-def _rank_main(rank: int, world: int, init_file: str, threads: int, fn: Callable[..., Any],
-               args: tuple, results: Any, path: List[str]) -> None:
+def _rank_main(rank: int, world: int, init_file: str, threads: int, pg_timeout: float,
+               fn: Callable[..., Any], args: tuple, results: Any, path: list[str]) -> None:
     sys.path[:0] = [p for p in path if p not in sys.path]
     import torch
     import torch.distributed as dist
 
     torch.set_num_threads(threads)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world, timeout=datetime.timedelta(seconds=300))
+                            world_size=world, timeout=datetime.timedelta(seconds=pg_timeout))
     try:
         results.put((rank, True, fn(rank, world, *args)))
-    except BaseException:
+    except BaseException:  # noqa: BLE001 - reported to the parent with its traceback
         results.put((rank, False, traceback.format_exc()))
     finally:
+        # Flush the result to the parent before tearing down (a rank that aborts
+        # at exit must not lose it), then leave the group cleanly.
+        results.close()
+        results.join_thread()
         dist.destroy_process_group()
 
 
 def run_ranks(fn: Callable[..., Any], world: int, *args: Any, threads: int = 1,
-              timeout: float = 1800.0) -> List[Any]:
+              timeout: float = 1800.0, pg_timeout: float = 300.0) -> list[Any]:
     """Run ``fn(rank, world, *args)`` on ``world`` spawned gloo ranks; results by rank.
 
     ``fn`` must be a module-level function. Each rank gets ``torch.set_num_threads(threads)``
-    and an initialized default process group; it is destroyed before the rank exits.
+    and an initialized default process group (collectives time out after ``pg_timeout``
+    seconds); it is destroyed before the rank exits.
     Raises ``RuntimeError`` with every failing rank's traceback.
     """
     import torch.multiprocessing as mp
@@ -62,24 +68,35 @@ def run_ranks(fn: Callable[..., Any], world: int, *args: Any, threads: int = 1,
     init_file = os.path.join(tmp, "init")
     results = ctx.Queue()
     procs = [ctx.Process(target=_rank_main, daemon=True,
-                         args=(r, world, init_file, threads, fn, args, results, list(sys.path)))
+                         args=(r, world, init_file, threads, pg_timeout, fn, args, results,
+                               list(sys.path)))
              for r in range(world)]
     for p in procs:
         p.start()
-    out: List[Any] = [None] * world
+    out: list[Any] = [None] * world
+    received: set = set()
     errors = []
     deadline = time.monotonic() + timeout
+    dead_since: float | None = None
     try:
-        for _ in range(world):
+        while len(received) < world and not errors:
             try:
-                rank, ok, value = results.get(timeout=max(1.0, deadline - time.monotonic()))
+                rank, ok, value = results.get(timeout=1.0)
             except queue.Empty:
-                raise TimeoutError(f"{fn.__name__}: ranks did not finish within {timeout:.0f} s")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{fn.__name__}: ranks did not finish within {timeout:.0f} s")
+                lost = [r for r, p in enumerate(procs) if r not in received and p.exitcode not in (None, 0)]
+                if lost:  # a rank died without a result: give the pipe a moment, then fail
+                    dead_since = dead_since or time.monotonic()
+                    if time.monotonic() - dead_since > 5.0:
+                        codes = {r: procs[r].exitcode for r in lost}
+                        raise RuntimeError(f"{fn.__name__}: rank(s) died without a result (exit codes {codes})")
+                continue
+            received.add(rank)
             if ok:
                 out[rank] = value
             else:
-                errors.append(f"--- rank {rank} ---\n{value}")
-                break  # the other ranks are likely blocked in a collective
+                errors.append(f"--- rank {rank} ---\n{value}")  # the others may be stuck in a collective
     finally:
         for p in procs:
             p.join(timeout=30 if not errors else 1)
@@ -87,11 +104,12 @@ def run_ranks(fn: Callable[..., Any], world: int, *args: Any, threads: int = 1,
                 p.kill()
                 p.join(timeout=5)
     if errors:
-        raise RuntimeError(f"{fn.__name__} failed:\n" + "\n".join(errors))
+        codes = {r: p.exitcode for r, p in enumerate(procs)}
+        raise RuntimeError(f"{fn.__name__} failed (exit codes by rank: {codes}):\n" + "\n".join(errors))
     return out
 
 
-def machine_info() -> Dict[str, Any]:
+def machine_info() -> dict[str, Any]:
     import platform
 
     import torch
@@ -112,23 +130,42 @@ def machine_info() -> Dict[str, Any]:
 class Case:
     """One candidate: ``step(lap)`` is timed; ``setup()`` runs before it, untimed.
 
-    ``step`` may call ``lap("name")`` to record the time since the step began
+    ``step`` may call ``lap("name")`` to record the wall time since the step began
     (e.g. ``lap("forward")`` between forward and backward); the whole step is
-    recorded as ``"total"``.
+    recorded as ``"total"`` (wall) and ``"cpu"`` (CPU time of the process, all its
+    threads: what the step computed, without the time spent waiting for peers or
+    descheduled on a busy machine).
     """
 
     name: str
     step: Callable[[Callable[[str], None]], Any]
-    setup: Optional[Callable[[], Any]] = None
+    setup: Callable[[], Any] | None = None
+
+
+class _Clock:
+    """Wall laps since construction, plus the step's total wall and CPU time."""
+
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self.cpu_start = time.process_time()
+        self.start = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        self.laps[name] = time.perf_counter() - self.start
+
+    def stop(self) -> dict[str, float]:
+        self.laps["total"] = time.perf_counter() - self.start
+        self.laps["cpu"] = time.process_time() - self.cpu_start
+        return self.laps
 
 
 @dataclass
 class _Samples:
-    laps: Dict[str, List[float]] = field(default_factory=dict)
+    laps: dict[str, list[float]] = field(default_factory=dict)
 
 
 def time_interleaved(cases: Sequence[Case], reps: int, warmup: int = 2,
-                     barrier: Optional[Callable[[], None]] = None) -> Dict[str, Dict[str, List[float]]]:
+                     barrier: Callable[[], None] | None = None) -> dict[str, dict[str, list[float]]]:
     """Time ``cases`` interleaved: ``reps`` rounds, each running every case once.
 
     The order of the cases is rotated by one every round; ``barrier`` (e.g.
@@ -152,10 +189,9 @@ def time_interleaved(cases: Sequence[Case], reps: int, warmup: int = 2,
                     case.setup()
                 if barrier is not None:
                     barrier()
-                laps: Dict[str, float] = {}
-                start = time.perf_counter()
-                case.step(lambda name: laps.__setitem__(name, time.perf_counter() - start))
-                laps["total"] = time.perf_counter() - start
+                clock = _Clock()
+                case.step(clock.lap)
+                laps = clock.stop()
                 if rnd >= warmup:
                     for name, value in laps.items():
                         samples[case.name].laps.setdefault(name, []).append(value)
@@ -165,7 +201,7 @@ def time_interleaved(cases: Sequence[Case], reps: int, warmup: int = 2,
     return {name: s.laps for name, s in samples.items()}
 
 
-def summarize(per_rank: Sequence[Mapping[str, Mapping[str, List[float]]]]) -> Dict[str, Dict[str, Dict[str, float]]]:
+def summarize(per_rank: Sequence[Mapping[str, Mapping[str, list[float]]]]) -> dict[str, dict[str, dict[str, float]]]:
     """Median and quartiles in milliseconds of the per-rep slowest rank.
 
     Args:
@@ -174,7 +210,7 @@ def summarize(per_rank: Sequence[Mapping[str, Mapping[str, List[float]]]]) -> Di
     Returns:
         ``{case: {lap: {"median_ms", "q1_ms", "q3_ms", "reps"}}}``.
     """
-    out: Dict[str, Dict[str, Dict[str, float]]] = {}
+    out: dict[str, dict[str, dict[str, float]]] = {}
     for case in per_rank[0]:
         out[case] = {}
         for lap in per_rank[0][case]:

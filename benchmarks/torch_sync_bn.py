@@ -38,7 +38,7 @@ forward, ``2C`` reduced backward — O(W·C), where distnorm sends O(C).
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -72,7 +72,7 @@ def _local_stats(x: Tensor, eps: float, method: str) -> tuple[Tensor, Tensor]:
 
 
 def _gather_stats_with_counts(mean_all: Tensor, invstd_all: Tensor, counts: Tensor,
-                              running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                              running_mean: Tensor | None, running_var: Tensor | None,
                               momentum: float, eps: float) -> tuple[Tensor, Tensor]:
     """Group mean and invstd from per-rank rows (``batch_norm_gather_stats_with_counts``).
 
@@ -96,8 +96,8 @@ def _gather_stats_with_counts(mean_all: Tensor, invstd_all: Tensor, counts: Tens
 
 class _TorchSyncBatchNormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],  # type: ignore[override]
-                running_mean: Optional[Tensor], running_var: Optional[Tensor], eps: float,
+    def forward(ctx: Any, input: Tensor, weight: Tensor | None, bias: Tensor | None,  # type: ignore[override]
+                running_mean: Tensor | None, running_var: Tensor | None, eps: float,
                 momentum: float, group: Any, world: int, stats: str) -> Tensor:
         if not input.is_contiguous(memory_format=torch.channels_last):
             input = input.contiguous()
@@ -188,7 +188,7 @@ class TorchSyncBatchNorm(_BatchNorm):
             (``torch.var_mean``) for the local moments.
     """
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True,
                  process_group: Any = None, stats: str = "native",
                  device: Any = None, dtype: Any = None) -> None:

@@ -72,31 +72,57 @@ def stats_dtype(x: Tensor) -> torch.dtype:
 def local_moments(x: Tensor) -> tuple[int, Tensor, Tensor]:
     """Count, mean and biased variance of each channel of an ``(N, C, *)`` tensor.
 
-    Works for contiguous and channels_last layouts alike. Statistics are returned in
-    :func:`stats_dtype` of ``x``; an empty ``x`` gives zeros.
+    Exact local moments (ALGORITHMS.md, Precision): the mean is known to float64
+    precision and the variance is centred (two-pass), so that a batch whose mean is
+    1e4 standard deviations from zero keeps its variance once ranks are combined.
+    Works for contiguous and channels_last layouts alike; an empty ``x`` gives zeros.
 
     Returns:
         ``(m, mean, var)``: elements per channel (a Python int, from the shape), and
-        two ``(C,)`` tensors.
+        two float64 ``(C,)`` tensors.
     """
     if x.dim() < 2:
         raise ValueError(f"expected an (N, C, *) input of at least 2 dims (got {x.dim()}D input)")
     channels = x.shape[1]
     count = x.numel() // channels if channels else 0
-    dtype = stats_dtype(x)
     if count == 0:  # a shape fact, not a data-dependent branch
-        zeros = torch.zeros(channels, dtype=dtype, device=x.device)
+        zeros = torch.zeros(channels, dtype=torch.float64, device=x.device)
         return 0, zeros, zeros.clone()
+    if x.dtype == torch.float64:
+        mean, var = torch.batch_norm_update_stats(x, None, None, 0.0)
+        return count, mean, var
     if x.dtype in _REDUCED:
         # The mixed-precision native kernel accumulates in float32 and returns
         # float32 statistics (batch_norm_update_stats would return, and overflow in,
         # float16). It also writes an output we discard: still cheaper than an upcast.
-        ones = torch.ones(channels, dtype=dtype, device=x.device)
+        # Half-precision data carry far less precision than the float32 mean.
+        ones = torch.ones(channels, dtype=torch.float32, device=x.device)
         _, mean, invstd = torch.native_batch_norm(x, ones, None, None, None, True, 0.0, _TINY)
-        var = (invstd.pow(-2) - _TINY).clamp_(min=0)
-        return count, mean, var
-    mean, var = torch.batch_norm_update_stats(x, None, None, 0.0)
-    return count, mean.to(dtype), var.to(dtype)
+        return count, mean.double(), (invstd.double().pow(-2) - _TINY).clamp_(min=0)
+    dims = [d for d in range(x.dim()) if d != 1]
+    view = (1, channels) + (1,) * (x.dim() - 2)
+    if x.device.type == "cpu" and x.is_contiguous():
+        # Two passes in plain ops: the float32 mean as a shift, then the centred
+        # sums. On CPU this is 1.5–2× faster than batch_norm_update_stats for NCHW
+        # (which has no vectorized kernel there) and as accurate.
+        shift = x.sum(dims).div_(count)
+        centred = x - shift.view(view)
+        first = centred.sum(dims)
+        second = centred.square_().sum(dims).double()
+    else:
+        # channels_last on CPU and CUDA have fast native kernels for the centred
+        # variance; only the float32 rounding of their mean needs correcting.
+        shift, var = torch.batch_norm_update_stats(x, None, None, 0.0)
+        first = (x - shift.view(view)).sum(dims)
+        second = None
+    # mean = shift + Σ(x − shift)/m to float64 precision: the float32 rounding δ of
+    # the mean would otherwise enter the pooled variance as 2·(μ_r − μ)·δ_r,
+    # 10–500× nn.BatchNorm's error at |μ|/σ = 1e3–1e4.
+    offset = first.double() / count
+    mean = shift.double() + offset
+    if second is None:
+        return count, mean, var.double()
+    return count, mean, (second / count - offset * offset).clamp_(min=0)
 
 
 # Recovering var from invstd = 1/sqrt(var + eps): eps must be tiny to keep the
@@ -112,19 +138,11 @@ def moment_sums(x: Tensor) -> Tensor:
     :func:`moments_from_sums` turns them back into moments.
     """
     count, mean, var = local_moments(x)
-    mean64, var64 = mean.double(), var.double()
-    if count and x.dtype != torch.float64:
-        # The kernel's mean is rounded to float32: an error δ ≈ ulp(μ) that would
-        # enter the pooled variance as 2·(μ_r − μ)·δ_r, 10–500× nn.BatchNorm's
-        # error at |μ|/σ = 1e3–1e4. One float64-accumulated sum (a single read of
-        # x) gives the mean to float64 precision; M2 is centred already.
-        dims = [d for d in range(x.dim()) if d != 1]
-        mean64 = x.sum(dims, dtype=torch.float64) / count
     # The count is derived from a tensor of this call, never a Python constant:
     # inductor (torch 2.14, CPU) was seen sharing a constant across layers and
     # reading a buffer that an earlier all-reduce had already summed.
-    count64 = (mean64[:1] * 0).add_(count)
-    return torch.cat([count64, mean64 * count, (var64 + mean64 * mean64) * count])
+    count64 = (mean[:1] * 0).add_(count)
+    return torch.cat([count64, mean * count, (var + mean * mean) * count])
 
 
 def moments_from_sums(sums: Tensor, dtype: torch.dtype = torch.float32) -> Moments:
