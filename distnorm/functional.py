@@ -66,11 +66,12 @@ class _BatchNormWithMoments(torch.autograd.Function):
             sum_g, sum_gxhat = sum_g.to(mean.dtype), sum_gxhat.to(mean.dtype)
         grad_x = None
         if need_x:
-            local = torch.cat([sum_g, sum_gxhat])
-            if ctx.group is not None and getattr(ctx.layer, "nonfinite", None) == "skip":
-                # A rank left out of the forward statistics stays out of their gradient.
-                local = torch.where(torch.isfinite(local).all(), local, torch.zeros_like(local))
-            sums = all_reduce_sum(local, ctx.group, layer=ctx.layer, what="backward")
+            # A rank left out of the forward statistics ("skip") stays out of their
+            # gradient; non-finite gradients never raise (AMP's loss scaler expects
+            # them and skips the step).
+            skip = "skip" if getattr(ctx.layer, "nonfinite", None) == "skip" else None
+            sums = all_reduce_sum(torch.cat([sum_g, sum_gxhat]), ctx.group, layer=ctx.layer,
+                                  what="backward", nonfinite=skip)
             total_g, total_gxhat = sums[:channels], sums[channels:]
             m = count.to(mean.dtype).clamp(min=1)
             scale = invstd if weight is None else invstd * weight.to(mean.dtype)

@@ -160,7 +160,8 @@ def moments_from_sums(sums: Tensor, dtype: torch.dtype = torch.float32) -> Momen
 
 
 def all_reduce_sum(buffer: Tensor, group: Optional[dist.ProcessGroup], *,
-                   layer: Optional[Any] = None, what: str = "forward") -> Tensor:
+                   layer: Optional[Any] = None, what: str = "forward",
+                   nonfinite: Optional[str] = None) -> Tensor:
     """Sum ``buffer`` over ``group`` (``None``: no-op) and return the result.
 
     The buffer is consumed: eagerly it is reduced in place by one
@@ -174,7 +175,9 @@ def all_reduce_sum(buffer: Tensor, group: Optional[dist.ProcessGroup], *,
     fixed-size header on the first call of each layer and direction (every call
     when ``DISTNORM_DEBUG=1``), and a layer tag and call counter folded into the
     payload of every call. ``what`` names the direction (``"forward"``,
-    ``"backward"``).
+    ``"backward"``). ``nonfinite`` (``"raise"`` or ``"skip"``): a rank whose buffer
+    is not finite contributes zeros; with ``"raise"`` every rank raises
+    :class:`~distnorm.errors.NonFiniteError` naming the ranks.
     """
     if group is None:
         return buffer
@@ -185,7 +188,7 @@ def all_reduce_sum(buffer: Tensor, group: Optional[dist.ProcessGroup], *,
     if layer is None:
         dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=group)
         return buffer
-    return checks.checked_all_reduce(buffer, group, layer, what)
+    return checks.checked_all_reduce(buffer, group, layer, what, nonfinite)
 
 
 def group_sums(x: Tensor, group: Optional[dist.ProcessGroup], *, layer: Optional[Any] = None,
@@ -210,15 +213,10 @@ def group_sums(x: Tensor, group: Optional[dist.ProcessGroup], *, layer: Optional
     """
     with torch.no_grad():
         sums = moment_sums(x)
-        parts = [sums] if extra is None else [sums, extra.to(torch.float64).flatten()]
-        policy = getattr(layer, "nonfinite", None) if group is not None else None
-        if policy is None or torch.compiler.is_compiling():
-            return all_reduce_sum(torch.cat(parts) if extra is not None else sums, group,
-                                  layer=layer)
-        buffer = checks.pack_nonfinite(parts, group)
-        reduced = all_reduce_sum(buffer, group, layer=layer)
-        checks.handle_nonfinite(reduced[-1], layer, policy, group)
-        return reduced[:-1]
+        if extra is not None:
+            sums = torch.cat([sums, extra.to(torch.float64).flatten()])
+        return all_reduce_sum(sums, group, layer=layer,
+                              nonfinite=getattr(layer, "nonfinite", None))
 
 
 def group_moments(x: Tensor, group: Optional[dist.ProcessGroup], *,

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import os
 import zlib
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -34,7 +34,7 @@ from torch import Tensor
 
 from ..errors import NonFiniteError, SyncError, layer_name
 
-__all__ = ["DEBUG_ENV", "checked_all_reduce", "handle_nonfinite", "pack_nonfinite"]
+__all__ = ["DEBUG_ENV", "NONFINITE_POLICIES", "checked_all_reduce"]
 
 DEBUG_ENV = "DISTNORM_DEBUG"
 NONFINITE_POLICIES = ("raise", "skip")
@@ -142,52 +142,54 @@ def _defer_or_check(tensor: Tensor, state: Dict[str, Any], check: Callable[[List
     state["pending"].append((event, host, check))
 
 
-def checked_all_reduce(buffer: Tensor, group: Any, layer: Any, what: str) -> Tensor:
-    """``dist.all_reduce(SUM)`` of ``buffer`` with the header and guard of this module."""
+def checked_all_reduce(buffer: Tensor, group: Any, layer: Any, what: str,
+                       nonfinite: Optional[str] = None) -> Tensor:
+    """``dist.all_reduce(SUM)`` of ``buffer`` with the header and guard of this module.
+
+    ``nonfinite``: ``None`` (no check), ``"raise"`` or ``"skip"``. With either, a rank
+    whose buffer is not finite contributes zeros and sets its bit (2^rank) in a
+    flag reduced with the payload; with ``"raise"`` every rank then raises
+    :class:`NonFiniteError` naming those ranks. Everything — payload, flag and guard
+    — travels in one buffer, and its tail is read back to the host once.
+    """
     state = _state(layer)
     _drain(state)
     calls = state["calls"].get(what, 0) + 1
     state["calls"][what] = calls
-    tag = zlib.crc32(f"{_identity(layer)}|{what}".encode()) % _MOD
-    count = calls % _MOD
+    tags = state.setdefault("tags", {})
+    if what not in tags:
+        tags[what] = zlib.crc32(f"{_identity(layer)}|{what}".encode()) % _MOD
+    tag, count = tags[what], calls % _MOD
     if what not in state["checked"] or _debug():
         _exchange_header(layer, what, group,
                          [float(tag), float(count), float(buffer.numel()), float(layer.training)])
         state["checked"].add(what)
-    guard = torch.tensor([tag, tag * tag, count, count * count], dtype=torch.float64,
-                         device=buffer.device)
-    packed = torch.cat([buffer.to(torch.float64), guard])
+    payload = buffer.to(torch.float64)
+    # Tail: [non-finite rank bits, tag, tag², call, call²].
+    tail = torch.tensor([0.0, tag, tag * tag, count, count * count], dtype=torch.float64,
+                        device=buffer.device)
+    if nonfinite is not None:
+        bad = torch.isfinite(payload).all().logical_not_()
+        payload = payload.masked_fill(bad, 0.0)
+        rank = min(dist.get_rank(group), 52)  # ranks past 52 share the top exact bit
+        tail[0] = bad * float(2 ** rank)
+    packed = torch.cat([payload, tail])
     _collective(dist.all_reduce, layer, what, group, packed, op=dist.ReduceOp.SUM)
-    if dist.get_world_size(group) <= _MAX_EXACT_WORLD:
-        _defer_or_check(packed[-4:], state, lambda g: _verify_guard(layer, what, group, g))
-    return packed[:-4].to(buffer.dtype)
+
+    def verify(values: List[float]) -> None:
+        if dist.get_world_size(group) <= _MAX_EXACT_WORLD:
+            _verify_guard(layer, what, group, values[1:])
+        if nonfinite == "raise" and values[0]:
+            _raise_nonfinite(layer, group, int(values[0]))
+
+    _defer_or_check(packed[-5:], state, verify)
+    return packed[:-5].to(buffer.dtype)
 
 
-def pack_nonfinite(parts: List[Tensor], group: Any) -> Tensor:
-    """``[parts..., flag]``: zeros instead of non-finite sums, flag = 2^rank if so."""
-    sums = torch.cat(parts) if len(parts) > 1 else parts[0]
-    bad = ~torch.isfinite(sums).all()
-    rank = min(dist.get_rank(group), 52)  # ranks past 52 share the top exact bit
-    flag = bad.to(torch.float64).reshape(1) * float(2 ** rank)
-    return torch.cat([torch.where(bad, torch.zeros_like(sums), sums), flag])
-
-
-def handle_nonfinite(flags: Tensor, layer: Any, policy: str, group: Any) -> None:
-    """Apply ``layer``'s non-finite policy to the reduced rank bits."""
-    if policy == "skip":
-        return
-    if policy != "raise":
-        raise ValueError(f"{layer_name(layer)}: nonfinite must be one of {NONFINITE_POLICIES} "
-                         f"(got {policy!r})")
+def _raise_nonfinite(layer: Any, group: Any, bits: int) -> None:
     ranks = _ranks(group)
-
-    def check(values: List[float]) -> None:
-        bits = int(values[0])
-        if bits:
-            hit = [ranks[i] for i in range(min(len(ranks), 53)) if bits >> i & 1]
-            raise NonFiniteError(
-                f"{layer_name(layer)}: non-finite values (NaN/Inf) in the input on rank(s) {hit}; "
-                "they were left out of the group statistics. Set the layer's nonfinite='skip' "
-                "(or convert_model(..., nonfinite='skip')) to go on without them.")
-
-    _defer_or_check(flags.reshape(1), _state(layer), check)
+    hit = [ranks[i] for i in range(min(len(ranks), 53)) if bits >> i & 1]
+    raise NonFiniteError(
+        f"{layer_name(layer)}: non-finite values (NaN/Inf) in the input on rank(s) {hit}; "
+        "they were left out of the group statistics. Set the layer's nonfinite='skip' "
+        "(or convert_model(..., nonfinite='skip')) to go on without them.")
