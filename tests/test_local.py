@@ -295,3 +295,31 @@ def test_batch_norm_with_moments_matches_training_batch_norm_float64():
     y_ref.backward(g)
     for a, r in ((xa, xb), (wa, wb), (ba, bb)):
         torch.testing.assert_close(a.grad, r.grad, rtol=1e-10, atol=1e-10)
+
+
+def _saved_bytes(layer, x):
+    """Bytes autograd keeps for backward across one forward (distinct storages)."""
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        layer(x)
+    return sum(seen.values())
+
+
+def test_saves_no_more_for_backward_than_batch_norm():
+    # The synced Function keeps the input and C-sized statistics, like nn.BatchNorm
+    # (a layer built from plain autograd ops would keep several activation copies).
+    x = torch.randn(4, 32, 16, 16, requires_grad=True)
+    ours = _saved_bytes(distnorm.SyncBatchNorm(32), x)
+    theirs = _saved_bytes(torch.nn.BatchNorm2d(32), x)
+    from distnorm.functional import batch_norm_with_moments
+    from distnorm.stats import group_moments
+
+    fn = _saved_bytes(lambda t: batch_norm_with_moments(t, group_moments(t, None), None, None,
+                                                        1e-5, None), x)
+    assert fn <= theirs + 64 * 32, (fn, theirs)
+    assert ours <= theirs + 64 * 32
