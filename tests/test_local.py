@@ -19,15 +19,6 @@ from distnorm.functional import batch_norm_with_moments
 from distnorm.stats import group_moments
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: one intra-op thread is as fast, and much faster on a loaded machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(autouse=True)
 def _no_process_group():
     assert not (dist.is_available() and dist.is_initialized())
