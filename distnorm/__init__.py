@@ -8,25 +8,44 @@ from . import distributed, errors, functional, schedules, stats
 from .convert import convert_model, register_variant, revert_model, variants
 from .errors import NonFiniteError, SyncError
 from .modules import (
+    SPADE,
+    AdaIN,
+    BatchInstanceNorm,
     BatchRenorm,
+    ConditionalBatchNorm,
+    ConditionalInstanceNorm,
+    CosineNorm,
     CrossIterationBatchNorm,
     CrossMiniBatchNorm,
+    FilterResponseNorm,
     FrozenBatchNorm,
     GroupNorm,
+    PositionalNorm,
+    SwitchableNorm,
     SyncBatchNorm,
     accumulation_steps_from,
+    moment_shortcut,
     reset_accumulation,
 )
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaIN",
+    "BatchInstanceNorm",
     "BatchRenorm",
+    "ConditionalBatchNorm",
+    "ConditionalInstanceNorm",
+    "CosineNorm",
     "CrossIterationBatchNorm",
     "CrossMiniBatchNorm",
+    "FilterResponseNorm",
     "FrozenBatchNorm",
     "GroupNorm",
     "NonFiniteError",
+    "PositionalNorm",
+    "SPADE",
+    "SwitchableNorm",
     "SyncBatchNorm",
     "SyncError",
     "accumulation_steps_from",
@@ -34,6 +53,7 @@ __all__ = [
     "distributed",
     "errors",
     "functional",
+    "moment_shortcut",
     "register_variant",
     "reset_accumulation",
     "revert_model",

@@ -9,11 +9,16 @@ import sys
 from typing import List, Optional
 
 
+_BENCHMARKS = {"layer": "layer.py", "model": "model.py"}
+
+
 def _bench(argv: List[str]) -> int:
-    script = os.path.join(os.getcwd(), "benchmarks", "layer.py")
+    """``distnorm bench [layer|model] ARGS``: run that benchmark script (default: layer)."""
+    name = argv.pop(0) if argv and argv[0] in _BENCHMARKS else "layer"
+    script = os.path.join(os.getcwd(), "benchmarks", _BENCHMARKS[name])
     if not os.path.exists(script):
-        print("distnorm bench runs benchmarks/layer.py from a checkout of the repository "
-              "(run it from the repository root)", file=sys.stderr)
+        print(f"distnorm bench {name} runs benchmarks/{_BENCHMARKS[name]} from a checkout of the "
+              "repository (run it from the repository root)", file=sys.stderr)
         return 2
     sys.argv = [script] + argv
     runpy.run_path(script, run_name="__main__")
@@ -56,7 +61,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     sub.add_parser("train", help="detection-style small-batch training job "
                    "(examples/detection/train.py; --norm bn|sync|cbn|brn|cmbn|gn|frozen)",
                    add_help=False)
-    sub.add_parser("bench", help="per-layer benchmark (benchmarks/layer.py)", add_help=False)
+    sub.add_parser("bench", help="benchmarks: per layer (default; benchmarks/layer.py) or "
+                   "`bench model` per ResNet-50 step (benchmarks/model.py)", add_help=False)
     sub.add_parser("slurm", help="Slurm: submit jobs (submitit), sbatch helpers, cluster benchmark",
                    add_help=False)
     args, rest = parser.parse_known_args(argv)
