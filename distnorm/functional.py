@@ -17,9 +17,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .stats import Moments, all_reduce_sum, stats_dtype
+from .stats import Moments, all_reduce_sum, group_moments, stats_dtype
 
-__all__ = ["batch_norm_with_moments", "update_running_stats"]
+__all__ = ["batch_norm_with_moments", "group_moments_with_grad", "update_running_stats"]
 
 
 def _channel_view(t: Tensor, x: Tensor) -> Tensor:
@@ -119,6 +119,49 @@ def batch_norm_with_moments(x: Tensor, moments: Moments, weight: Optional[Tensor
     """
     return _BatchNormWithMoments.apply(x, weight, bias, moments.mean, moments.var,
                                        moments.count, eps, group, layer)
+
+
+class _GroupMomentsWithGrad(torch.autograd.Function):
+    """(μ, σ², M) of the group batch with their gradient.
+
+    Forward: :func:`distnorm.stats.group_moments` (one all-reduce). Backward: each
+    rank holds only its own part of ∂L/∂μ and ∂L/∂σ² (L is a sum over ranks), so
+    their sums travel in one all-reduce of 2C numbers, then
+    ∂L/∂x = (Σ∂L/∂μ + 2 Σ∂L/∂σ² · (x − μ)) / M.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group: Optional[dist.ProcessGroup],  # type: ignore[override]
+                layer: Optional[Any]):
+        moments = group_moments(x, group, layer=layer)
+        ctx.save_for_backward(x, moments.mean, moments.count)
+        ctx.group, ctx.layer = group, layer
+        ctx.mark_non_differentiable(moments.count)
+        return moments.mean, moments.var, moments.count
+
+    @staticmethod
+    def backward(ctx, grad_mean: Tensor, grad_var: Tensor, _grad_count: Any):  # type: ignore[override]
+        x, mean, count = ctx.saved_tensors
+        channels = x.shape[1]
+        skip = "skip" if getattr(ctx.layer, "nonfinite", None) == "skip" else None
+        sums = all_reduce_sum(torch.cat([grad_mean, grad_var]).to(mean.dtype), ctx.group,
+                              layer=ctx.layer, what="backward", nonfinite=skip)
+        m = count.to(mean.dtype).clamp(min=1)
+        g_mean = _channel_view(sums[:channels] / m, x)
+        g_var = _channel_view(sums[channels:] * (2 / m), x)
+        grad_x = g_mean + g_var * (x.to(mean.dtype) - _channel_view(mean, x))
+        return grad_x.to(x.dtype), None, None
+
+
+def group_moments_with_grad(x: Tensor, group: Optional[dist.ProcessGroup],
+                            layer: Optional[Any] = None) -> Moments:
+    """:func:`distnorm.stats.group_moments` with autograd through the mean and
+    variance, for layers that mix the group statistics into others (SwitchableNorm).
+
+    Returns:
+        :class:`~distnorm.stats.Moments`; ``mean`` and ``var`` carry gradients.
+    """
+    return Moments(*_GroupMomentsWithGrad.apply(x, group, layer))
 
 
 def update_running_stats(running_mean: Tensor, running_var: Tensor,

@@ -8,7 +8,8 @@ import torch
 from torch import Tensor, nn
 
 from ..convert import register_variant
-from ..stats import Moments, all_reduce_sum, group_moments, stats_dtype
+from ..functional import group_moments_with_grad
+from ..stats import Moments, stats_dtype
 from ._base import BatchNormBase
 from ._mixture import MixtureBase, channel_view, instance_moments, moments_over
 
@@ -17,40 +18,6 @@ __all__ = ["SwitchableNorm"]
 #: The BN logit ``convert_model(mode="switchable")`` starts from (IN and LN at 0):
 #: softmax weight 1 − 2e⁻⁸/(1 + 2e⁻⁸) ≈ 0.99933 on BatchNorm's mean and variance.
 CONVERT_BN_LOGIT = 8.0
-
-
-class _GroupMoments(torch.autograd.Function):
-    """(μ, σ², M) of the group batch with their gradient: the differentiable form of
-    :func:`distnorm.stats.group_moments`.
-
-    Forward: one all-reduce (inside ``group_moments``). Backward: every rank holds
-    only its own part of ∂L/∂μ and ∂L/∂σ² (L is a sum over ranks), so their sums
-    travel in one all-reduce of 2C numbers, then
-    ∂L/∂x = (Σ∂L/∂μ + 2 Σ∂L/∂σ² · (x − μ)) / M.
-    """
-
-    @staticmethod
-    def forward(ctx, x: Tensor, group: Optional[Any], layer: Any):  # type: ignore[override]
-        moments = group_moments(x, group, layer=layer)
-        ctx.save_for_backward(x, moments.mean, moments.count)
-        ctx.group, ctx.layer = group, layer
-        ctx.mark_non_differentiable(moments.count)
-        return moments.mean, moments.var, moments.count
-
-    @staticmethod
-    def backward(ctx, grad_mean: Tensor, grad_var: Tensor, _grad_count: Any):  # type: ignore[override]
-        x, mean, count = ctx.saved_tensors
-        channels = x.shape[1]
-        local = torch.cat([grad_mean, grad_var]).to(mean.dtype)
-        if ctx.group is not None and getattr(ctx.layer, "nonfinite", None) == "skip":
-            # A rank left out of the forward statistics stays out of their gradient.
-            local = torch.where(torch.isfinite(local).all(), local, torch.zeros_like(local))
-        sums = all_reduce_sum(local, ctx.group, layer=ctx.layer, what="backward")
-        m = count.to(mean.dtype).clamp(min=1)
-        g_mean = channel_view(sums[:channels] / m, x)
-        g_var = channel_view(sums[channels:] * (2 / m), x)
-        grad_x = g_mean + g_var * (x.to(mean.dtype) - channel_view(mean, x))
-        return grad_x.to(x.dtype), None, None
 
 
 @register_variant("switchable")
@@ -158,7 +125,7 @@ class SwitchableNorm(MixtureBase):
     def _mix(self, input: Tensor, group: Optional[Any], batch_stats: bool) -> Tensor:
         dtype = stats_dtype(input)
         if batch_stats:
-            mean_bn, var_bn, count = _GroupMoments.apply(input, group, self)
+            mean_bn, var_bn, count = group_moments_with_grad(input, group, self)
             self._update_running_stats(Moments(count, mean_bn.detach(), var_bn.detach()))
         else:
             mean_bn, var_bn = self.running_mean, self.running_var
