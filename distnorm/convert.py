@@ -182,6 +182,11 @@ def revert_model(module: nn.Module) -> nn.Module:
                              "is one-way)")
         if not isinstance(child, (BatchNormBase, FrozenBatchNorm)):
             return None
+        extras = [n for n, _ in child.named_parameters(recurse=False) if n not in ("weight", "bias")]
+        if extras:
+            warnings.warn(f"revert_model: {type(child).__name__} '{name}' drops its parameters "
+                          f"{extras}; the BatchNorm computes the same only where they are at "
+                          "their BatchNorm values")
         source: Type[nn.Module] = child._distnorm_source or nn.BatchNorm2d
         kwargs: Dict[str, Any] = {}
         if issubclass(source, nn.SyncBatchNorm):

@@ -10,6 +10,8 @@ from __future__ import annotations
 import copy
 from typing import Callable, Dict
 
+import warnings
+
 import pytest
 import torch
 import torchvision
@@ -420,7 +422,14 @@ def test_variant_contract_on_resnet18(mode):
         for k, v in checkpoint.items():
             assert k in state and state[k].shape == v.shape, k
         model.load_state_dict(checkpoint, strict=True)
-        distnorm.revert_model(model)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            distnorm.revert_model(model)
+        dropped = [w for w in caught if "drops its parameters" in str(w.message)]
+        # Mixtures (BIN's rho, SwitchableNorm's logits) say what reverting drops.
+        has_extras = any(n not in ("weight", "bias") for n, _ in
+                         distnorm.variants()[mode](4).named_parameters(recurse=False))
+        assert bool(dropped) == has_extras
         reverted = _plain_bns(model)
         assert sorted(reverted) == names
         assert all(type(m) is nn.BatchNorm2d for m in reverted.values())
