@@ -27,6 +27,13 @@ def _channel_view(t: Tensor, x: Tensor) -> Tensor:
     return t.view((1, -1) + (1,) * (x.dim() - 2))
 
 
+def _backward_policy(layer: Optional[Any]) -> Optional[str]:
+    """A rank left out of the forward statistics (``nonfinite="skip"``) stays out of
+    their gradient; non-finite gradients never raise (AMP's loss scaler expects them
+    and skips the step)."""
+    return "skip" if getattr(layer, "nonfinite", None) == "skip" else None
+
+
 class _BatchNormWithMoments(torch.autograd.Function):
     """y = (x − μ)/sqrt(σ² + eps) · w + b, where (μ, σ²) are moments of a batch that
     contains x (over a process group and/or earlier micro-batches).
@@ -66,12 +73,8 @@ class _BatchNormWithMoments(torch.autograd.Function):
             sum_g, sum_gxhat = sum_g.to(mean.dtype), sum_gxhat.to(mean.dtype)
         grad_x = None
         if need_x:
-            # A rank left out of the forward statistics ("skip") stays out of their
-            # gradient; non-finite gradients never raise (AMP's loss scaler expects
-            # them and skips the step).
-            skip = "skip" if getattr(ctx.layer, "nonfinite", None) == "skip" else None
             sums = all_reduce_sum(torch.cat([sum_g, sum_gxhat]), ctx.group, layer=ctx.layer,
-                                  what="backward", nonfinite=skip)
+                                  what="backward", nonfinite=_backward_policy(ctx.layer))
             total_g, total_gxhat = sums[:channels], sums[channels:]
             m = count.to(mean.dtype).clamp(min=1)
             scale = invstd if weight is None else invstd * weight.to(mean.dtype)
@@ -143,9 +146,9 @@ class _GroupMomentsWithGrad(torch.autograd.Function):
     def backward(ctx, grad_mean: Tensor, grad_var: Tensor, _grad_count: Any):  # type: ignore[override]
         x, mean, count = ctx.saved_tensors
         channels = x.shape[1]
-        skip = "skip" if getattr(ctx.layer, "nonfinite", None) == "skip" else None
         sums = all_reduce_sum(torch.cat([grad_mean, grad_var]).to(mean.dtype), ctx.group,
-                              layer=ctx.layer, what="backward", nonfinite=skip)
+                              layer=ctx.layer, what="backward",
+                              nonfinite=_backward_policy(ctx.layer))
         m = count.to(mean.dtype).clamp(min=1)
         g_mean = _channel_view(sums[:channels] / m, x)
         g_var = _channel_view(sums[channels:] * (2 / m), x)
