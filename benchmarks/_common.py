@@ -220,3 +220,16 @@ def summarize(per_rank: Sequence[Mapping[str, Mapping[str, list[float]]]]) -> di
             out[case][lap] = {"median_ms": statistics.median(worst), "q1_ms": q[0],
                               "q3_ms": q[2], "reps": len(worst)}
     return out
+
+
+def provenance_lines(meta: dict, results: list) -> list:
+    """The commit line and, where W exceeds the cores, the oversubscription warning."""
+    lines = []
+    if meta.get("git_head"):
+        dirty = " + uncommitted changes" if meta.get("distnorm_uncommitted_changes") else ""
+        lines.append(f"distnorm at commit {meta['git_head'][:10]}{dirty}.")
+    if any(r["world"] > (meta["cpu_count"] or 0) for r in results):
+        lines.append(f"**W = 4 oversubscribes this {meta['cpu_count']}-core machine** (4 single-threaded "
+                     "ranks on fewer cores): those times include CPU contention and scheduling delays "
+                     "inside the collectives; compare ratios within a W, not across.")
+    return lines

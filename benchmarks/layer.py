@@ -48,7 +48,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import Case, machine_info, run_ranks, summarize, time_interleaved
+from _common import Case, machine_info, provenance_lines, run_ranks, summarize, time_interleaved
 
 Shape = tuple[int, int, int, int]
 
@@ -484,13 +484,7 @@ def markdown(results: list[dict[str, Any]], impls: Sequence[str], meta: dict[str
          "median of the slowest rank per rep (ms). fwd+bwd = forward and backward of one layer, "
          "float32, NCHW. floor = the same collectives as distnorm's, alone, back to back."),
     ]
-    if meta.get("git_head"):
-        dirty = " + uncommitted changes" if meta.get("distnorm_uncommitted_changes") else ""
-        lines.append(f"distnorm at commit {meta['git_head'][:10]}{dirty}.")
-    if any(r["world"] > (meta["cpu_count"] or 0) for r in results):
-        lines.append(f"**W = 4 oversubscribes this {meta['cpu_count']}-core machine** (4 single-threaded "
-                     "ranks on fewer cores): those times include CPU contention and scheduling delays "
-                     "inside the collectives; compare ratios within a row, not across W.")
+    lines += provenance_lines(meta, results)
     if not has("fairscale"):
         lines.append(f"_{FAIRSCALE_HINT}_")
     lines += ["", "Summary (range over shapes of distnorm's time divided by each other's; < 1: distnorm faster):", ""]

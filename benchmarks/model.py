@@ -53,7 +53,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import Case, machine_info, run_ranks, summarize, time_interleaved
+from _common import Case, machine_info, provenance_lines, run_ranks, summarize, time_interleaved
 from layer import (
     FAIRSCALE_HINT,
     _fairscale_cls,
@@ -443,13 +443,7 @@ def markdown(results: Sequence[dict[str, Any]], methods: Sequence[str], meta: di
          "one step, alone, back to back. CmBN: 4 micro-batches per cycle, a step is one micro-batch; "
          "GN: 32 groups; CBN: window 4; BRN: r_max 3, d_max 5."),
     ]
-    if meta.get("git_head"):
-        dirty = " + uncommitted changes" if meta.get("distnorm_uncommitted_changes") else ""
-        lines.append(f"distnorm at commit {meta['git_head'][:10]}{dirty}.")
-    if any(r["world"] > (meta["cpu_count"] or 0) for r in results):
-        lines.append(f"**W = 4 oversubscribes this {meta['cpu_count']}-core machine** (4 single-threaded "
-                     "ranks on fewer cores): those times include CPU contention and scheduling delays "
-                     "inside the collectives; compare ratios within a W, not across.")
+    lines += provenance_lines(meta, results)
     if "fairscale" not in methods:
         lines.append(f"_{FAIRSCALE_HINT}_")
     lines += ["", "Headline (time ratios of a whole training step; < 1: distnorm sync faster):", ""]

@@ -5,15 +5,15 @@ Both tests start ``benchmarks/layer.py`` as a subprocess (it spawns its own gloo
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import pytest
+
+from tests._optional import has_fairscale
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "layer.py"
@@ -21,15 +21,6 @@ SCRIPT = ROOT / "benchmarks" / "layer.py"
 pytestmark = pytest.mark.slow
 
 
-def _has_fairscale() -> bool:
-    """Whether the benchmark can time fairscale here (it imports it the same way)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            importlib.import_module("fairscale.experimental.nn")
-        except Exception:  # noqa: BLE001 - missing or broken: the column is skipped
-            return False
-    return True
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
@@ -45,7 +36,7 @@ def test_layer_benchmark_quick_reports_every_column(tmp_path):
     assert (tmp_path / "layer_cpu.md").read_text().startswith("# Per-layer benchmark")
 
     expected = ["local", "distnorm", "torch_algo", "torch_algo_var_mean"]
-    if _has_fairscale():
+    if has_fairscale():
         expected.append("fairscale")
     rows = payload["results"]
     assert rows and {r["world"] for r in rows} == {2}
@@ -66,7 +57,7 @@ def test_layer_benchmark_quick_reports_every_column(tmp_path):
         for name in expected[1:]:
             assert row["floors"][name]["fwd_bwd_ms"] > 0
         ratios = ["distnorm/local", "distnorm/torch_algo", "(distnorm-local)/floor"]
-        if _has_fairscale():
+        if has_fairscale():
             ratios.append("distnorm/fairscale")
         for key in ratios:
             assert key in row["ratios"]

@@ -23,6 +23,7 @@ from typing import Any, Dict, List, Sequence
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -111,3 +112,49 @@ def test_ddp_matches_single_process(sizes, world2):
     for s in range(STEPS):
         total = sum(res["losses"][s] for res in results)
         torch.testing.assert_close(total, len(results) * ref_losses[s], rtol=1e-9, atol=1e-12)
+
+
+# -- per-rank state stays out of DDP's buffer broadcast ---------------------------------
+
+def _cbn_net():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+        torch.nn.Conv2d(4, 5, 3, padding=1), torch.nn.BatchNorm2d(5),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(5, 3)).double()
+
+
+def _cbn_batches():
+    gen = torch.Generator().manual_seed(1)
+    return [(torch.randn(4, 3, 6, 6, generator=gen, dtype=torch.float64) * (1 + i),
+             torch.randint(0, 3, (4,), generator=gen)) for i in range(5)]
+
+
+def _cbn_train(model, rank=None):
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    losses = []
+    for x, y in _cbn_batches():
+        if rank is not None:
+            x, y = x[2 * rank:2 * rank + 2], y[2 * rank:2 * rank + 2]
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.detach())
+    return torch.stack(losses)
+
+
+def _cbn_under_ddp(rank, world):
+    model = distnorm.convert_model(_cbn_net(), mode="cbn", window=3)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)  # broadcast_buffers=True
+    losses = _cbn_train(ddp, rank) / world
+    dist.all_reduce(losses)
+    return losses
+
+
+def test_cbn_history_survives_ddp_buffer_broadcast(world2):
+    # CBN's history holds this rank's partial sums: DDP must not overwrite it with
+    # rank 0's (convert_model lists those buffers in _ddp_params_and_buffers_to_ignore).
+    expected = _cbn_train(distnorm.convert_model(_cbn_net(), mode="cbn", window=3))
+    for losses in world2.run(_cbn_under_ddp):
+        torch.testing.assert_close(losses, expected, rtol=1e-10, atol=1e-12)

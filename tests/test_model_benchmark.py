@@ -6,30 +6,22 @@ bench model`` does; it spawns its own gloo ranks.
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 import os
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import pytest
+
+from tests._optional import has_fairscale
 
 ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.slow
 
 
-def _has_fairscale() -> bool:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            importlib.import_module("fairscale.experimental.nn")
-        except Exception:  # noqa: BLE001 - missing or broken: the benchmark skips it
-            return False
-    return True
 
 
 def test_model_benchmark_quick_reports_every_column(tmp_path):
@@ -43,7 +35,7 @@ def test_model_benchmark_quick_reports_every_column(tmp_path):
     assert (tmp_path / "model_cpu.png").read_bytes()[:4] == b"\x89PNG"
 
     expected = ["local", "sync", "cbn", "brn", "cmbn", "gn", "torch_algo"]
-    if _has_fairscale():
+    if has_fairscale():
         expected.append("fairscale")
     assert set(payload["meta"]["methods"]) == set(expected)
     (row,) = payload["results"]
@@ -72,7 +64,7 @@ def test_model_benchmark_quick_reports_every_column(tmp_path):
     sync = row["methods"]["sync"]["bytes_per_step"]
     assert sync["backward"] >= channels * 4 and sync["forward"] >= (channels + 53) * 4
     keys = ["(sync-local)/floor", "(sync-local)/floor paired", "sync/local", "sync/torch_algo"]
-    if _has_fairscale():
+    if has_fairscale():
         keys.append("sync/fairscale")
     for key in keys:
         assert isinstance(row["ratios"][key], float), key
