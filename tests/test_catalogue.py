@@ -103,18 +103,6 @@ def ref_bin(layer, x, running=None):
     return _cv(layer.weight.detach(), x) * (rho * x_bn + (1 - rho) * x_in) + _cv(layer.bias.detach(), x)
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=IDS)
-def test_batch_instance_norm_formula(shape):
-    layer = _randomize(distnorm.BatchInstanceNorm(shape[1]).double())
-    x = _input(shape)
-    torch.testing.assert_close(layer(x), ref_bin(layer, x), **TOL)
-    rm, rv = ref_running(x)
-    torch.testing.assert_close(layer.running_mean, rm, **TOL)
-    torch.testing.assert_close(layer.running_var, rv, **TOL)
-    x2 = _input(shape, seed=5)
-    torch.testing.assert_close(layer.eval()(x2), ref_bin(layer, x2, (rm, rv)), **TOL)
-
-
 def test_batch_instance_norm_rho_is_clipped_after_each_step():
     layer = distnorm.BatchInstanceNorm(3).double()
     with torch.no_grad():
@@ -151,15 +139,18 @@ def ref_switchable(layer, x, running=None):
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=IDS)
-def test_switchable_norm_formula(shape):
-    layer = _randomize(distnorm.SwitchableNorm(shape[1]).double())
+@pytest.mark.parametrize("cls, reference", [(distnorm.BatchInstanceNorm, ref_bin),
+                                            (distnorm.SwitchableNorm, ref_switchable)],
+                         ids=["bin", "switchable"])
+def test_mixture_formula(cls, reference, shape):
+    layer = _randomize(cls(shape[1]).double())
     x = _input(shape)
-    torch.testing.assert_close(layer(x), ref_switchable(layer, x), **TOL)
+    torch.testing.assert_close(layer(x), reference(layer, x), **TOL)
     rm, rv = ref_running(x)
     torch.testing.assert_close(layer.running_mean, rm, **TOL)
     torch.testing.assert_close(layer.running_var, rv, **TOL)
     x2 = _input(shape, seed=5)
-    torch.testing.assert_close(layer.eval()(x2), ref_switchable(layer, x2, (rm, rv)), **TOL)
+    torch.testing.assert_close(layer.eval()(x2), reference(layer, x2, (rm, rv)), **TOL)
 
 
 def test_switchable_norm_default_weights_are_uniform():
