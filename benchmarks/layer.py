@@ -5,6 +5,7 @@ forward+backward of one layer for
 
 * ``local``      — ``torch.nn.BatchNorm2d`` on the local slice (no communication),
 * ``distnorm``   — ``distnorm.SyncBatchNorm``,
+* ``distnorm_eager`` — the same with its compiled kernels off (``DISTNORM_COMPILE=0``),
 * ``fairscale``  — ``fairscale.experimental.nn.SyncBatchNorm`` (if installed),
 * ``torch_algo`` — torch's ``nn.SyncBatchNorm`` algorithm re-implemented for CPU
   (``benchmarks/torch_sync_bn.py``; torch's own class refuses CPU), with the same
@@ -57,8 +58,9 @@ SHAPES: list[Shape] = [(2, 64, 112, 112), (2, 256, 56, 56), (2, 512, 28, 28), (2
 QUICK_SHAPES: list[Shape] = [(2, 256, 28, 28)]
 PROFILE_SHAPE: Shape = (2, 256, 56, 56)
 
-IMPLS = ["local", "distnorm", "fairscale", "torch_algo", "torch_algo_var_mean"]
-LABELS = {"local": "local BN", "distnorm": "distnorm", "fairscale": "fairscale",
+IMPLS = ["local", "distnorm", "distnorm_eager", "fairscale", "torch_algo", "torch_algo_var_mean"]
+LABELS = {"local": "local BN", "distnorm": "distnorm", "distnorm_eager": "distnorm, eager ops",
+          "fairscale": "fairscale",
           "torch_algo": "torch-algo", "torch_algo_var_mean": "torch-algo (var_mean)"}
 FAIRSCALE_HINT = ("fairscale is not installed: its column is skipped. "
                   "Install it with `pip install fairscale` (or `pip install -e .[bench]`).")
@@ -118,7 +120,7 @@ def make_layer(name: str, channels: int, dtype: Any = None) -> Any:
 
     if name == "local":
         layer = torch.nn.BatchNorm2d(channels)
-    elif name == "distnorm":
+    elif name in ("distnorm", "distnorm_eager"):
         layer = distnorm.SyncBatchNorm(channels)
     elif name == "fairscale":
         layer = _fairscale_cls()(channels)
@@ -137,7 +139,7 @@ def expected_bytes(name: str, channels: int, world: int) -> dict[str, int] | Non
 
     if name == "local":
         return {"forward": 0, "backward": 0}
-    if name == "distnorm":
+    if name in ("distnorm", "distnorm_eager"):
         # distnorm at be628cf: float64 all-reduce of [m, Σx (C), Σx² (C), non-finite flag,
         # 4 guard words] forward and of [Σg (C), Σg·x̂ (C), 4 guard words] backward
         # (before its fault guards: (2C + 1)·8 and 2C·4). Only documentation: the
@@ -227,11 +229,30 @@ def _zero_grads(layer: Any, x: Any) -> Callable[[], None]:
     return setup
 
 
-def _train_step(layer: Any, x: Any, dy: Any) -> Callable[[Callable[[str], None]], None]:
+@contextlib.contextmanager
+def eager_kernels(active: bool = True) -> Iterator[None]:
+    """Turn distnorm's compiled kernels off while active (``DISTNORM_COMPILE=0``)."""
+    from distnorm.kernels import COMPILE_ENV
+
+    saved = os.environ.get(COMPILE_ENV)
+    if active:
+        os.environ[COMPILE_ENV] = "0"
+    try:
+        yield
+    finally:
+        if active:
+            if saved is None:
+                os.environ.pop(COMPILE_ENV, None)
+            else:
+                os.environ[COMPILE_ENV] = saved
+
+
+def _train_step(layer: Any, x: Any, dy: Any, eager: bool = False) -> Callable[[Callable[[str], None]], None]:
     def step(lap: Callable[[str], None]) -> None:
-        y = layer(x)
-        lap("forward")
-        y.backward(dy)
+        with eager_kernels(eager):
+            y = layer(x)
+            lap("forward")
+            y.backward(dy)
     return step
 
 
@@ -268,7 +289,8 @@ def _bench_rank(rank: int, world: int, shapes: Sequence[Shape], impls: Sequence[
                 y.backward(dy)
             collectives[name] = log
 
-        cases = [Case(name, train_step(layer), zero(layer)) for name, layer in layers.items()]
+        cases = [Case(name, train_step(layer, eager=name == "distnorm_eager"), zero(layer))
+                 for name, layer in layers.items()]
         cases += [Case(f"floor:{name}", _replay(collectives[name], world))
                   for name in layers if collectives[name]]
         samples = time_interleaved(cases, reps=reps, warmup=warmup, barrier=dist.barrier)
@@ -454,7 +476,7 @@ def build_results(world: int, rank_outputs: Sequence[dict[str, Any]], impls: Seq
         fwd = {n: row["impls"][n]["fwd_ms"] for n in impls}
         cpu = {n: row["impls"][n]["cpu_ms"] for n in impls}
         ratios: dict[str, float] = {}
-        for other in ("local", "fairscale", "torch_algo", "torch_algo_var_mean"):
+        for other in ("local", "distnorm_eager", "fairscale", "torch_algo", "torch_algo_var_mean"):
             if other in ms:
                 ratios[f"distnorm/{other}"] = ms["distnorm"] / ms[other]
                 ratios[f"fwd distnorm/{other}"] = fwd["distnorm"] / fwd[other]

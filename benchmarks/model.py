@@ -10,6 +10,8 @@ SGD steps (momentum 0.9) on ``--batch`` random images per rank (default 2, at
   defaults (CBN window 4; BRN r_max 3, d_max 5; CmBN 4 micro-batches per cycle,
   so a step here is one micro-batch and the cycle position advances every step;
   GN 32 groups, no communication),
+* ``sync_eager`` — the same with distnorm's compiled kernels turned off
+  (``DISTNORM_COMPILE=0``): what fusing the passes over the activation saves,
 * ``fairscale``  — ``fairscale.experimental.nn.SyncBatchNorm.convert_sync_batchnorm``
   (if installed),
 * ``torch_algo`` — torch's ``nn.SyncBatchNorm`` algorithm re-implemented for CPU
@@ -61,11 +63,12 @@ from layer import (
     _replay,
     count_collectives,
     distnorm_provenance,
+    eager_kernels,
     fairscale_available,
 )
 
-METHODS = ["local", "sync", "cbn", "brn", "cmbn", "gn", "fairscale", "torch_algo"]
-LABELS = {"local": "local BN", "sync": "distnorm sync", "cbn": "CBN", "brn": "BRN",
+METHODS = ["local", "sync", "sync_eager", "cbn", "brn", "cmbn", "gn", "fairscale", "torch_algo"]
+LABELS = {"local": "local BN", "sync": "distnorm sync", "sync_eager": "sync, eager ops", "cbn": "CBN", "brn": "BRN",
           "cmbn": "CmBN", "gn": "GN", "fairscale": "fairscale", "torch_algo": "torch-algo"}
 DISTNORM_MODES = ("sync", "cbn", "brn", "cmbn", "gn")
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -103,6 +106,8 @@ def build_model(name: str, seed: int = 0) -> Any:
         pass
     elif name in DISTNORM_MODES:
         model = distnorm.convert_model(model, mode=name)
+    elif name == "sync_eager":
+        model = distnorm.convert_model(model, mode="sync")
     elif name == "fairscale":
         model = _fairscale_cls().convert_sync_batchnorm(model)
     elif name == "torch_algo":
@@ -137,6 +142,10 @@ class _Trainer:
         self.opt.zero_grad(set_to_none=True)
 
     def step(self, lap: Callable[[str], None], phase: list[str] | None = None) -> None:
+        with eager_kernels(self.name == "sync_eager"):
+            self._step(lap, phase)
+
+    def _step(self, lap: Callable[[str], None], phase: list[str] | None = None) -> None:
         import torch.nn.functional as F
 
         loss = F.cross_entropy(self.model(self.x), self.target)

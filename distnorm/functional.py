@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from . import kernels
 from .stats import Moments, all_reduce_sum, group_moments, stats_dtype
 
 __all__ = ["batch_norm_with_moments", "group_moments_with_grad", "update_running_stats"]
@@ -32,6 +33,20 @@ def _backward_policy(layer: Optional[Any]) -> Optional[str]:
     their gradient; non-finite gradients never raise (AMP's loss scaler expects them
     and skips the step)."""
     return "skip" if getattr(layer, "nonfinite", None) == "skip" else None
+
+
+def _affine_grad_eager(grad_out: Tensor, x: Tensor, k: Tensor, a: Tensor, c: Tensor) -> Tensor:
+    """``k·grad_out + a·x + c`` per channel in eager ops (see :func:`distnorm.kernels.affine_grad`)."""
+    if x.dtype in (torch.float32, torch.float64):
+        # a·x + c by the eval-mode native kernel (one fused, vectorized pass; addcmul
+        # with a broadcast first operand is 2× slower on CPU), then k·g in place.
+        k, a, c = (t.to(x.dtype) for t in (k, a, c))
+        out = torch.batch_norm(x, a, c, torch.zeros_like(c), torch.ones_like(c), False, 0.0,
+                               0.0, torch.backends.cudnn.enabled)
+        return out.addcmul_(grad_out, _channel_view(k, x))
+    # float16/bfloat16: computed in float32, rounded once
+    out = torch.addcmul(_channel_view(c, x), x, _channel_view(a, x))
+    return out.addcmul_(grad_out, _channel_view(k, x)).to(x.dtype)
 
 
 class _BatchNormWithMoments(torch.autograd.Function):
@@ -82,18 +97,9 @@ class _BatchNormWithMoments(torch.autograd.Function):
             # k·g + a·x + c with k = w/σ̂, a = −k·B/(M·σ̂), c = −k·A/M − a·μ.
             coef_x = -scale * invstd * total_gxhat / m
             const = -scale * total_g / m - coef_x * mean
-            if x.dtype in (torch.float32, torch.float64):
-                # a·x + c by the eval-mode native kernel (one fused, vectorized pass;
-                # addcmul with a broadcast first operand is 2× slower on CPU), then
-                # k·g added in place.
-                coef_x, const, scale = (t.to(x.dtype) for t in (coef_x, const, scale))
-                grad_x = torch.batch_norm(x, coef_x, const, torch.zeros_like(const),
-                                          torch.ones_like(const), False, 0.0, 0.0,
-                                          torch.backends.cudnn.enabled)
-                grad_x.addcmul_(grad_out, _channel_view(scale, x))
-            else:  # float16/bfloat16: computed in float32, rounded once
-                grad_x = torch.addcmul(_channel_view(const, x), x, _channel_view(coef_x, x))
-                grad_x = grad_x.addcmul_(grad_out, _channel_view(scale, x)).to(x.dtype)
+            grad_x = kernels.affine_grad(grad_out, x, scale, coef_x, const)
+            if grad_x is None:  # the compiled single pass does not apply
+                grad_x = _affine_grad_eager(grad_out, x, scale, coef_x, const)
         grad_w = sum_gxhat.to(weight.dtype) if need_w and weight is not None else None
         grad_b = sum_g.to(weight.dtype if weight is not None else sum_g.dtype) if need_b else None
         return grad_x, grad_w, grad_b, None, None, None, None, None, None

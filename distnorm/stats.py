@@ -3,10 +3,9 @@
 Every synced layer of distnorm computes its statistics here and sends every
 collective through :func:`all_reduce_sum`. The rules (ALGORITHMS.md §1):
 
-* Local moments are exact: the mean and centred variance of the local slice come
-  from a native two-pass kernel (``torch.batch_norm_update_stats``, the same
-  statistics ``nn.BatchNorm`` computes), accumulated in float32 for float16 /
-  bfloat16 inputs and in float64 for float64 inputs.
+* Local moments are exact: the mean to float64 precision, the variance centred —
+  one compiled float64 pass of shifted sums on CPU (:mod:`distnorm.kernels`), native
+  two-pass kernels elsewhere (accumulated in float32 at least).
 * Across ranks they travel as count-weighted *sums* in float64,
   ``[m, m·μ, M2 + m·μ²]`` (2C + 1 numbers), so that a batch whose mean is 1e4
   standard deviations away from zero keeps its variance: the cancellation
@@ -25,6 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from . import kernels
 from .distributed import checks
 
 __all__ = [
@@ -75,6 +75,7 @@ def local_moments(x: Tensor) -> tuple[int, Tensor, Tensor]:
     Exact local moments (ALGORITHMS.md, Precision): the mean is known to float64
     precision and the variance is centred (two-pass), so that a batch whose mean is
     1e4 standard deviations from zero keeps its variance once ranks are combined.
+    Eager ops; :func:`moment_sums` uses one compiled pass instead where it applies.
     Works for contiguous and channels_last layouts alike; an empty ``x`` gives zeros.
 
     Returns:
@@ -137,6 +138,9 @@ def moment_sums(x: Tensor) -> Tensor:
     buffers over ranks (or micro-batches) are the sums of the concatenated batch;
     :func:`moments_from_sums` turns them back into moments.
     """
+    fused = kernels.moment_sums(x)
+    if fused is not None:  # one compiled pass on CPU (see distnorm.kernels)
+        return fused
     count, mean, var = local_moments(x)
     # The count is derived from a tensor of this call, never a Python constant:
     # inductor (torch 2.14, CPU) was seen sharing a constant across layers and
