@@ -81,7 +81,7 @@ def _canonical(x: Tensor) -> Optional[Tensor]:
 
 def _applies(*tensors: Tensor) -> bool:
     x = tensors[0]
-    return (x.device.type == "cpu" and x.numel() >= MIN_NUMEL and enabled()
+    return (x.device.type == "cpu" and x.numel() >= max(MIN_NUMEL, 1) and enabled()
             and x.dtype in (torch.float32,) + _HALF
             and all(t.shape == x.shape and t.stride() == x.stride() for t in tensors[1:])
             and not torch.compiler.is_compiling())

@@ -34,7 +34,7 @@ def test_model_benchmark_quick_reports_every_column(tmp_path):
     assert (tmp_path / "model_cpu.md").read_text().startswith("# Per-model benchmark")
     assert (tmp_path / "model_cpu.png").read_bytes()[:4] == b"\x89PNG"
 
-    expected = ["local", "sync", "cbn", "brn", "cmbn", "gn", "torch_algo"]
+    expected = ["local", "sync", "sync_eager", "cbn", "brn", "cmbn", "gn", "torch_algo"]
     if has_fairscale():
         expected.append("fairscale")
     assert set(payload["meta"]["methods"]) == set(expected)

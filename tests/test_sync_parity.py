@@ -135,8 +135,34 @@ def _make_group(rank: int, world: int, spec: Any):
     raise ValueError(spec)
 
 
+@contextlib.contextmanager
+def _kernel_settings(settings: Optional[Dict[str, int]]):
+    """Set distnorm.kernels' size thresholds (e.g. 0: compiled at any size) while active."""
+    from distnorm import kernels
+
+    saved = {name: getattr(kernels, name) for name in (settings or {})}
+    for name, value in (settings or {}).items():
+        setattr(kernels, name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(kernels, name, value)
+
+
 def _train_and_eval(rank: int, world: int, case: Dict[str, Any]) -> Dict[str, Any]:
     """Run the case's training steps (then an optional eval forward) on this rank."""
+    with _kernel_settings(case.get("kernels")):
+        out = _train_and_eval_steps(rank, world, case)
+    from distnorm import kernels
+
+    out["compiled"] = sorted(f"{name}:{str(dtype).split('.')[-1]}"
+                             for (name, dtype), fn in kernels._compiled.items() if fn is not None)
+    out["compile_failed"] = [key for key, fn in kernels._compiled.items() if fn is None]
+    return out
+
+
+def _train_and_eval_steps(rank: int, world: int, case: Dict[str, Any]) -> Dict[str, Any]:
     torch.manual_seed(1234)
     group, members = _make_group(rank, world, case.get("group"))
     prebuilt = case.get("prebuilt")
@@ -422,6 +448,45 @@ def test_group_by_sizes(size, world3):
 
 
 # ---------------------------------------------------------------------------------
+# float32 with the compiled CPU kernels (distnorm.kernels) doing the passes
+# ---------------------------------------------------------------------------------
+# The kernels apply to large float32/half activations only; here every size uses
+# them. "short" keeps the default short-row rule (moments in float32 rows, eager
+# input gradient); "long" treats every row as long (float64 moment loop, compiled
+# input gradient). Against float64 BatchNorm on the same float32 values.
+F32_TOL = dict(rtol=1e-4, atol=2e-5)
+COMPILED = {
+    "1d-NC-w2": (2, [(3, 4), (0, 5), (2, 2)], (), None),
+    "1d-NCL-w3": (3, [(3, 0, 5), (0, 2, 1), (2, 2, 2)], (9,), None),
+    "2d-w3": (3, [(3, 0, 5), (1, 1, 1), (0, 4, 2)], (6, 5), None),
+    "2d-channels_last-w2": (2, [(1, 4), (0, 3), (3, 3)], (4, 6), torch.channels_last),
+    "3d-channels_last-w2": (2, [(2, 1), (0, 2)], (2, 3, 4), torch.channels_last_3d),
+}
+
+
+@pytest.mark.parametrize("rows", ["short", "long"])
+@pytest.mark.parametrize("name", list(COMPILED))
+def test_parity_float32_compiled_kernels(name, rows, world2, world3):
+    world, sizes, tail, fmt = COMPILED[name]
+    pool = world2 if world == 2 else world3
+    case = _make_case(world, sizes, tail, channels=4, seed=61 + list(COMPILED).index(name),
+                      dtype=torch.float32, param_dtype=torch.float32, offset=3.0)
+    case["kernels"] = {"MIN_NUMEL": 0, "MIN_NUMEL_AFFINE": 0}
+    if rows == "long":
+        case["kernels"]["SHORT_ROW"] = 1
+    if fmt is not None:
+        case["memory_format"] = fmt
+    results = pool.run(_train_and_eval, case)
+    _check(case, results, tol=F32_TOL)
+    for res in results:
+        assert not res["compile_failed"]
+        assert any(k.startswith("_moment_sums") and k.endswith(":float32") for k in res["compiled"])
+        if rows == "long":
+            assert "_affine_grad:float32" in res["compiled"]
+        assert all(ok for ok in res["y_format_ok"])
+
+
+# ---------------------------------------------------------------------------------
 # Reduced precision (CPU autocast): statistics kept in float32
 # ---------------------------------------------------------------------------------
 # Measured errors against float64 are ~1e-3 (fp16) and ~1e-2 (bf16) on outputs and
@@ -473,15 +538,23 @@ def test_autocast_reduced_precision(low, world3):
 # the first step copies the batch variance into running_var, so variance errors show
 # undamped. The last step has a single non-empty rank.
 LARGE_MEAN_SIZES = [(1, 3), (2, 2), (3, 1), (4, 0)]
-_large_mean_cache: Dict[float, Dict[str, Any]] = {}
+_large_mean_cache: Dict[Any, Dict[str, Any]] = {}
 
 
-def _large_mean_errors(offset: float, pool) -> Dict[str, Any]:
-    """Errors against float64 of the synced layer (per rank) and of nn.BatchNorm2d."""
-    if offset in _large_mean_cache:
-        return _large_mean_cache[offset]
+def _large_mean_errors(offset: float, pool, kernels: str = "eager") -> Dict[str, Any]:
+    """Errors against float64 of the synced layer (per rank) and of nn.BatchNorm2d.
+
+    ``kernels``: ``"eager"`` (the sizes here are below the compiled kernels'
+    thresholds), or ``"short"`` / ``"long"`` rows with the compiled kernels forced on.
+    """
+    if (offset, kernels) in _large_mean_cache:
+        return _large_mean_cache[offset, kernels]
     case = _make_case(2, LARGE_MEAN_SIZES, (4, 4), seed=51, dtype=torch.float32,
                       param_dtype=torch.float32, offset=offset, momentum=None)
+    if kernels != "eager":
+        case["kernels"] = {"MIN_NUMEL": 0, "MIN_NUMEL_AFFINE": 0}
+        if kernels == "long":
+            case["kernels"]["SHORT_ROW"] = 1
     results = pool.run(_train_and_eval, case)
     ref64 = _reference(case, [0, 1])
     bn32 = nn.BatchNorm2d(case["C"], momentum=None)
@@ -503,25 +576,27 @@ def _large_mean_errors(offset: float, pool) -> Dict[str, Any]:
     errors["mean_bn"] = rel(bn32.running_mean, ref64["running_mean"])
     errors["var_sync"] = [rel(res["running_var"], ref64["running_var"]) for res in results]
     errors["mean_sync"] = [rel(res["running_mean"], ref64["running_mean"]) for res in results]
-    _large_mean_cache[offset] = errors
+    _large_mean_cache[offset, kernels] = errors
     return errors
 
 
 TINY = 2.5e-7
 
 
+@pytest.mark.parametrize("kernels", ["eager", "short", "long"])
 @pytest.mark.parametrize("offset", [1e3, 1e4])
-def test_large_mean_float32_output_and_mean(offset, world2):
-    err = _large_mean_errors(offset, world2)
+def test_large_mean_float32_output_and_mean(offset, kernels, world2):
+    err = _large_mean_errors(offset, world2, kernels)
     assert err["var_bn"] < 1e-5 and err["y_bn"] < 1e-2  # the oracle itself is accurate
     assert err["y_sync"] <= 2 * err["y_bn"] + 1e-5, err
     for mean_err in err["mean_sync"]:
         assert mean_err <= 2 * err["mean_bn"] + TINY, err
 
 
+@pytest.mark.parametrize("kernels", ["eager", "short", "long"])
 @pytest.mark.parametrize("offset", [1e3, 1e4])
-def test_large_mean_float32_running_var(offset, world2):
-    err = _large_mean_errors(offset, world2)
+def test_large_mean_float32_running_var(offset, kernels, world2):
+    err = _large_mean_errors(offset, world2, kernels)
     assert err["var_bn"] < 1e-5  # the oracle itself is accurate
     for var_err in err["var_sync"]:
         assert var_err <= 2 * err["var_bn"] + TINY, err
