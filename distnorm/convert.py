@@ -154,28 +154,7 @@ def convert_model(module: nn.Module, mode: str = "sync", process_group: Optional
             _carry_norm_act(child, new)
         return new
 
-    converted = _replace(module, swap)
-    _keep_rank_state_out_of_ddp_broadcast(converted)
-    return converted
-
-
-def _keep_rank_state_out_of_ddp_broadcast(root: nn.Module) -> None:
-    """Tell DistributedDataParallel not to broadcast distnorm's per-rank state.
-
-    A variant's non-persistent buffers (CBN's history of this rank's partial sums,
-    BRN's clip counters) differ across ranks by design; DDP's default
-    ``broadcast_buffers=True`` would overwrite them with rank 0's before every
-    forward. DDP skips the names listed on the module it wraps, so they are
-    recorded on ``root``, which is what users hand to DDP.
-    """
-    names = set(getattr(root, "_ddp_params_and_buffers_to_ignore", ()))
-    for prefix, layer in root.named_modules():
-        if getattr(layer, "_distnorm_name", None) is None:
-            continue  # not a layer convert_model made
-        for key in getattr(layer, "_non_persistent_buffers_set", ()):
-            names.add(f"{prefix}.{key}" if prefix else key)
-    if names:
-        root._ddp_params_and_buffers_to_ignore = sorted(names)
+    return _replace(module, swap)
 
 
 def revert_model(module: nn.Module) -> nn.Module:

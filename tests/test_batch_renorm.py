@@ -402,8 +402,13 @@ def test_state_dict_is_batch_norm_compatible():
     fresh = nn.BatchNorm2d(C)
     fresh.load_state_dict(brn.state_dict())
     assert int(fresh.num_batches_tracked) == 3
-    # the monitoring counters are buffers that move with the layer, not state
-    assert {"r_clip_count", "d_clip_count", "clip_steps"} <= dict(brn.named_buffers()).keys()
+    # the monitoring counters are rank state: they move with the layer and keep
+    # their dtype, but are neither buffers (DDP would broadcast them) nor state
+    counters = {"r_clip_count", "d_clip_count", "clip_steps"}
+    assert not counters & (dict(brn.named_buffers()).keys() | brn.state_dict().keys())
+    brn.double()
+    assert brn.r_clip_count.dtype == brn.clip_steps.dtype == torch.long
+    brn.float()
     brn.reset_clip_stats()
     assert brn.clip_fractions() == (0.0, 0.0)
     r_pc, d_pc = brn.clip_fractions(per_channel=True)

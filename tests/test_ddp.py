@@ -144,17 +144,32 @@ def _cbn_train(model, rank=None):
     return torch.stack(losses)
 
 
-def _cbn_under_ddp(rank, world):
-    model = distnorm.convert_model(_cbn_net(), mode="cbn", window=3)
+def _cbn_built_directly():
+    """_cbn_net with CrossIterationBatchNorm layers built by hand (no convert_model)."""
+    net = _cbn_net()
+    for i in (1, 4):
+        bn = net[i]
+        cbn = distnorm.CrossIterationBatchNorm(bn.num_features, window=3, dtype=torch.float64)
+        cbn.load_state_dict(bn.state_dict())
+        net[i] = cbn
+    return net
+
+
+def _cbn_under_ddp(rank, world, built):
+    if built == "convert_model":
+        model = distnorm.convert_model(_cbn_net(), mode="cbn", window=3)
+    else:
+        model = _cbn_built_directly()
     ddp = torch.nn.parallel.DistributedDataParallel(model)  # broadcast_buffers=True
     losses = _cbn_train(ddp, rank) / world
     dist.all_reduce(losses)
     return losses
 
 
-def test_cbn_history_survives_ddp_buffer_broadcast(world2):
+@pytest.mark.parametrize("built", ["convert_model", "directly"])
+def test_cbn_history_survives_ddp_buffer_broadcast(built, world2):
     # CBN's history holds this rank's partial sums: DDP must not overwrite it with
-    # rank 0's (convert_model lists those buffers in _ddp_params_and_buffers_to_ignore).
+    # rank 0's. It is rank state (tensor attributes, not buffers): DDP never sees it.
     expected = _cbn_train(distnorm.convert_model(_cbn_net(), mode="cbn", window=3))
-    for losses in world2.run(_cbn_under_ddp):
+    for losses in world2.run(_cbn_under_ddp, built):
         torch.testing.assert_close(losses, expected, rtol=1e-10, atol=1e-12)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import itertools
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -49,6 +49,11 @@ class BatchNormBase(_BatchNorm):
 
     # The class a converted layer came from; revert_model goes back to it.
     _distnorm_source: Optional[type] = None
+    # Per-rank state (CBN's history, CmBN's cycle sums, BRN's clip counters): tensor
+    # attributes, not buffers, so that DDP never overwrites a rank's copy with rank
+    # 0's (broadcast_buffers) and the state_dict stays nn.BatchNorm's. _apply moves
+    # them with the module and keeps their dtype: float64 sums survive model.half().
+    _rank_state: Tuple[str, ...] = ()
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
                  affine: bool = True, track_running_stats: bool = True,
@@ -111,6 +116,16 @@ class BatchNormBase(_BatchNorm):
         if self._tracks():
             update_running_stats(self.running_mean, self.running_var, self.num_batches_tracked,
                                  moments, self.momentum)
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> "BatchNormBase":
+        result = super()._apply(fn, recurse)
+        for name in self._rank_state:
+            value = self.__dict__.get(name)
+            if isinstance(value, Tensor):
+                moved = fn(value)
+                self.__dict__[name] = (moved if value.is_meta else value).to(
+                    device=moved.device, dtype=value.dtype)
+        return result
 
     def extra_repr(self) -> str:
         text = super().extra_repr()

@@ -71,7 +71,8 @@ class BatchRenorm(BatchNormBase):
     * Monitoring: the layer counts, on the device, how often ``r`` and ``d`` hit
       their clips (per channel, over the steps where renormalization is active);
       read them with :meth:`clip_fractions`, restart with :meth:`reset_clip_stats`.
-      The counters are non-persistent buffers (not in the state_dict).
+      The counters are per-rank tensor attributes that move with the layer (not
+      buffers: not in the state_dict, never broadcast by DDP).
 
     Differences from tf-keras' ``renorm=True``: there, separate moving averages of
     the batch mean and std (``renorm_momentum``) serve for ``r`` and ``d``; here the
@@ -114,6 +115,8 @@ class BatchRenorm(BatchNormBase):
         (0.0, 0.0)
     """
 
+    _rank_state = ("r_clip_count", "d_clip_count", "clip_steps")
+
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
                  affine: bool = True, track_running_stats: bool = True,
                  process_group: Optional[Any] = None, *, r_max: Bound = 3.0,
@@ -124,14 +127,11 @@ class BatchRenorm(BatchNormBase):
         self.r_max = r_max
         self.d_max = d_max
         self.warmup_steps = warmup_steps
-        # Clip monitoring, kept on the device (no host read on the training path) and
-        # non-persistent, so that the state_dict stays nn.BatchNorm's.
-        self.register_buffer("r_clip_count", torch.zeros(num_features, dtype=torch.long,
-                                                          device=device), persistent=False)
-        self.register_buffer("d_clip_count", torch.zeros(num_features, dtype=torch.long,
-                                                          device=device), persistent=False)
-        self.register_buffer("clip_steps", torch.zeros((), dtype=torch.long, device=device),
-                             persistent=False)
+        # Clip monitoring, kept on the device (no host read on the training path);
+        # rank state (see BatchNormBase._rank_state), not in the state_dict.
+        self.r_clip_count = torch.zeros(num_features, dtype=torch.long, device=device)
+        self.d_clip_count = torch.zeros(num_features, dtype=torch.long, device=device)
+        self.clip_steps = torch.zeros((), dtype=torch.long, device=device)
 
     # -- options -------------------------------------------------------------------
     # Design: the step is num_batches_tracked itself, a device tensor, rather than a

@@ -256,6 +256,9 @@ class CrossIterationBatchNorm(BatchNormBase):
         >>> y = bn(conv(torch.randn(2, 3, 32, 32)))
     """
 
+    _rank_state = ("_hist_count", "_hist_has_d", "_hist_mean", "_hist_sq", "_hist_comp_sum",
+                   "_hist_comp_sq", "_hist_bias", "_hist_dsum", "_hist_dsq", "_prev_weight")
+
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
                  affine: bool = True, track_running_stats: bool = True,
                  process_group: Optional[Any] = None, *, window: int = 4, burn_in: int = 0,
@@ -293,11 +296,11 @@ class CrossIterationBatchNorm(BatchNormBase):
                            ("_hist_sq", (slots, num_features)),
                            ("_hist_comp_sum", (slots, num_features)),
                            ("_hist_comp_sq", (slots, num_features))):
-            self.register_buffer(key, torch.zeros(shape, **f64), persistent=False)
-        self.register_buffer("_hist_bias", None, persistent=False)     # (k−1, C) float64
-        self.register_buffer("_hist_dsum", None, persistent=False)     # (k−1, G, L)
-        self.register_buffer("_hist_dsq", None, persistent=False)      # (k−1, C, L)
-        self.register_buffer("_prev_weight", None, persistent=False)   # W at the last forward
+            setattr(self, key, torch.zeros(shape, **f64))
+        self._hist_bias: Optional[Tensor] = None     # (k−1, C) float64
+        self._hist_dsum: Optional[Tensor] = None     # (k−1, G, L)
+        self._hist_dsq: Optional[Tensor] = None      # (k−1, C, L)
+        self._prev_weight: Optional[Tensor] = None   # W at the last forward
 
     # -- producer --------------------------------------------------------------------
     def attach(self, producer: nn.Module) -> "CrossIterationBatchNorm":
@@ -389,9 +392,7 @@ class CrossIterationBatchNorm(BatchNormBase):
         return sum(t.numel() * t.element_size() for t in self._history_tensors().values())
 
     def _history_tensors(self) -> Dict[str, Tensor]:
-        keys = ("_hist_count", "_hist_has_d", "_hist_mean", "_hist_sq", "_hist_comp_sum", "_hist_comp_sq",
-                "_hist_bias", "_hist_dsum", "_hist_dsq", "_prev_weight")
-        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+        return {k: getattr(self, k) for k in self._rank_state if getattr(self, k) is not None}
 
     def history_state(self) -> Dict[str, Any]:
         """The window's history and counters, to save next to a checkpoint.
@@ -412,22 +413,10 @@ class CrossIterationBatchNorm(BatchNormBase):
             raise ValueError(f"{layer_name(self)}: history of window {state.get('window')} "
                              f"cannot load into window {self.window}")
         device = self._hist_count.device
-        for key in ("_hist_count", "_hist_has_d", "_hist_mean", "_hist_sq", "_hist_comp_sum",
-                    "_hist_comp_sq", "_hist_bias", "_hist_dsum", "_hist_dsq", "_prev_weight"):
+        for key in self._rank_state:
             value = state.get(key)
             setattr(self, key, None if value is None else value.detach().clone().to(device))
         self._step, self._recorded = int(state["step"]), int(state["recorded"])
-
-    def _apply(self, fn: Any, recurse: bool = True) -> "CrossIterationBatchNorm":
-        # The history keeps its own dtypes (float64 statistics, history_dtype
-        # derivatives) when the module is cast; it only follows the device.
-        dtypes = {k: v.dtype for k, v in self._history_tensors().items()}
-        result = super()._apply(fn, recurse)
-        for key, dtype in dtypes.items():
-            value = getattr(self, key)
-            if value.dtype != dtype:
-                setattr(self, key, value.to(dtype))
-        return result
 
     # -- forward ---------------------------------------------------------------------
     def _train_forward(self, input: Tensor, group: Optional[Any]) -> Tensor:

@@ -78,7 +78,8 @@ class CrossMiniBatchNorm(BatchNormBase):
           count (not averaged with equal weights) and the running statistics are
           updated once per cycle (not every micro-batch).
         - The sums of the partial cycle are a float64 tensor attribute that follows
-          the module's device (``.to()``, ``.cuda()``) but is not a buffer: the
+          the module's device (``.to()``, ``.cuda()``) and keeps its dtype through
+          ``.half()``, but is not a buffer: the
           state_dict is ``nn.BatchNorm``'s (checkpoints move both ways), and
           ``DistributedDataParallel`` does not broadcast it — with
           ``broadcast_buffers=True`` DDP overwrites every buffer with rank 0's, which
@@ -118,6 +119,8 @@ class CrossMiniBatchNorm(BatchNormBase):
         >>> distnorm.reset_accumulation(model)   # e.g. at the start of each epoch
     """
 
+    _rank_state = ("_cycle_sums",)
+
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
                  affine: bool = True, track_running_stats: bool = True,
                  process_group: Optional[Any] = None, *, accumulation_steps: int = 4,
@@ -126,8 +129,8 @@ class CrossMiniBatchNorm(BatchNormBase):
                          process_group, device=device, dtype=dtype)
         self.accumulation_steps = accumulation_steps
         # [M, ΣS, ΣQ] of the micro-batches seen so far in this cycle (float64, see
-        # distnorm.stats.moment_sums); meaningful only while _position > 0. Not a
-        # buffer: DDP would broadcast it from rank 0 (see Semantics); _apply moves it.
+        # distnorm.stats.moment_sums); meaningful only while _position > 0. Rank state
+        # (see BatchNormBase._rank_state).
         self._cycle_sums = torch.zeros(2 * num_features + 1, dtype=torch.float64, device=device)
         # Micro-batches already seen in this cycle: a Python int counted by forward
         # calls, never read from the data (no host synchronisation).
@@ -166,16 +169,6 @@ class CrossMiniBatchNorm(BatchNormBase):
         else:
             self._cycle_sums.copy_(sums)
         return output
-
-    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> "CrossMiniBatchNorm":
-        result = super()._apply(fn, recurse)
-        sums = self._cycle_sums
-        # Follow device moves, but keep the sums in float64 through model.half() or
-        # .to(torch.bfloat16): their count and sums must stay exact.
-        moved = fn(sums)
-        self._cycle_sums = (moved if sums.is_meta else sums).to(device=moved.device,
-                                                                dtype=torch.float64)
-        return result
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", accumulation_steps={self.accumulation_steps}"
