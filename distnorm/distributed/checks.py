@@ -150,7 +150,8 @@ def checked_all_reduce(buffer: Tensor, group: Any, layer: Any, what: str,
     whose buffer is not finite contributes zeros and sets its bit (2^rank) in a
     flag reduced with the payload; with ``"raise"`` every rank then raises
     :class:`NonFiniteError` naming those ranks. Everything — payload, flag and guard
-    — travels in one buffer, and its tail is read back to the host once.
+    — travels in one buffer, and its tail is read back to the host once. ``buffer``
+    is consumed (zeroed in place when not finite).
     """
     state = _state(layer)
     _drain(state)
@@ -169,8 +170,10 @@ def checked_all_reduce(buffer: Tensor, group: Any, layer: Any, what: str,
     tail = torch.tensor([0.0, tag, tag * tag, count, count * count], dtype=torch.float64,
                         device=buffer.device)
     if nonfinite is not None:
-        bad = torch.isfinite(payload).all().logical_not_()
-        payload = payload.masked_fill(bad, 0.0)
+        # A NaN or ±Inf anywhere makes the sum non-finite (the sums of finite moment
+        # buffers never overflow float64): one reduction instead of an isfinite pass.
+        bad = payload.sum().isfinite().logical_not_()
+        payload.masked_fill_(bad, 0.0)  # the buffer is consumed (see all_reduce_sum)
         rank = min(dist.get_rank(group), 52)  # ranks past 52 share the top exact bit
         tail[0] = bad * float(2 ** rank)
     packed = torch.cat([payload, tail])
