@@ -400,6 +400,11 @@ def _profile_rank(rank: int, world: int, shape: Shape, impls: Sequence[str], ste
         for _ in range(5):
             x.grad = None
             layer(x).backward(dy)
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True):
+            # Warm-up under the profiler too: an active profiler can make compiled
+            # code (distnorm's kernels) recompile once, which is not the layer's cost.
+            x.grad = None
+            layer(x).backward(dy)
         dist.barrier()
         with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
             for _ in range(steps):
@@ -431,7 +436,10 @@ def profile_report(prof: dict[str, list[dict[str, Any]]], shape: Shape, steps: i
              "argument (a pass over the activation); '## forward' / '## backward' are the phase totals; "
              "waiting for the peers in a collective shows up in the c10d op or in the self time of "
              f"the enclosing phase / autograd node. Load average after the run: {load} on "
-             f"{os.cpu_count()} cores (shared machine: absolute times drift, compare within a run).")]
+             f"{os.cpu_count()} cores (shared machine: absolute times drift, compare within a run). "
+             "The profiler itself slows some ops: with record_shapes the eval-mode native kernel "
+             "runs ~4× slower, and compiled regions (distnorm's kernels) ~2.4× slower, measured "
+             "alone; read costs from the timing tables (layer_cpu.md), calls and passes from here.")]
     for name, rows in prof.items():
         text += ["", f"=== {LABELS[name]} ===",
                  f"{'op':52s} {'calls':>6s} {'act':>4s} {'self ms':>9s} {'total ms':>9s}"]

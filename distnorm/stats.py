@@ -4,8 +4,9 @@ Every synced layer of distnorm computes its statistics here and sends every
 collective through :func:`all_reduce_sum`. The rules (ALGORITHMS.md §1):
 
 * Local moments are exact: the mean to float64 precision, the variance centred —
-  one compiled float64 pass of shifted sums on CPU (:mod:`distnorm.kernels`), native
-  two-pass kernels elsewhere (accumulated in float32 at least).
+  on CPU one compiled pass of sums shifted by a sample of each channel and
+  accumulated in float64 (:mod:`distnorm.kernels`), elsewhere a residual two-pass
+  (accumulated in float32 at least).
 * Across ranks they travel as count-weighted *sums* in float64,
   ``[m, m·μ, M2 + m·μ²]`` (2C + 1 numbers), so that a batch whose mean is 1e4
   standard deviations away from zero keeps its variance: the cancellation
@@ -134,7 +135,8 @@ _TINY = 1e-30
 def moment_sums(x: Tensor) -> Tensor:
     """The packed float64 buffer ``[m, Σx (C), Σx² (C)]`` of the local slice.
 
-    Σx² is formed as ``M2 + m·μ²`` from the exact centred ``M2``. Sums of such
+    Σx² is formed as ``M2 + m·μ²`` from the exact centred ``M2`` (or, by the
+    compiled kernel, from sums shifted by a sample of each channel). Sums of such
     buffers over ranks (or micro-batches) are the sums of the concatenated batch;
     :func:`moments_from_sums` turns them back into moments.
     """

@@ -13,3 +13,11 @@ def has_fairscale() -> bool:
         except Exception:  # noqa: BLE001 - missing or broken: the column is skipped
             return False
     return True
+
+
+def has_cxx_compiler() -> bool:
+    """Whether TorchInductor can build distnorm's CPU kernels here (it needs a C++
+    compiler; without one distnorm falls back to eager ops, with a warning)."""
+    import shutil
+
+    return any(shutil.which(name) for name in ("g++", "c++", "clang++"))

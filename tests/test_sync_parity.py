@@ -27,6 +27,7 @@ import torch.distributed as dist
 from torch import nn
 
 import distnorm
+from tests._optional import has_cxx_compiler
 
 F64_TOL = dict(rtol=1e-6, atol=1e-9)
 
@@ -477,7 +478,9 @@ def test_parity_float32_compiled_kernels(name, rows, world2, world3):
     if fmt is not None:
         case["memory_format"] = fmt
     results = pool.run(_train_and_eval, case)
-    _check(case, results, tol=F32_TOL)
+    _check(case, results, tol=F32_TOL)  # with or without a compiler (eager fallback)
+    if not has_cxx_compiler():
+        pytest.skip("no C++ compiler: parity checked with the eager fallback only")
     for res in results:
         assert not res["compile_failed"]
         assert any(k.startswith("_moment_sums") and k.endswith(":float32") for k in res["compiled"])
