@@ -62,8 +62,11 @@ _warned = False
 
 
 def enabled() -> bool:
-    """Whether the compiled kernels may be used (``DISTNORM_COMPILE`` is not ``0``)."""
-    return os.environ.get(COMPILE_ENV, "1") not in ("", "0")
+    """Whether the compiled kernels may be used: ``DISTNORM_COMPILE`` is not ``0`` and
+    torch.compile is not disabled (``TORCHDYNAMO_DISABLE=1``, under which a compiled
+    function would run as its plain, slower expression)."""
+    return (os.environ.get(COMPILE_ENV, "1") not in ("", "0")
+            and not torch._dynamo.config.disable)
 
 
 def _canonical(x: Tensor) -> Optional[Tensor]:

@@ -213,3 +213,5 @@ def test_environment_switch(monkeypatch):
     assert not kernels.enabled()
     monkeypatch.setenv(kernels.COMPILE_ENV, "1")
     assert kernels.enabled()
+    monkeypatch.setattr(torch._dynamo.config, "disable", True)  # TORCHDYNAMO_DISABLE=1
+    assert not kernels.enabled()
