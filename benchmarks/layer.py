@@ -6,6 +6,9 @@ forward+backward of one layer for
 * ``local``      — ``torch.nn.BatchNorm2d`` on the local slice (no communication),
 * ``distnorm``   — ``distnorm.SyncBatchNorm``,
 * ``distnorm_eager`` — the same with its compiled kernels off (``DISTNORM_COMPILE=0``),
+* ``brn``, ``cmbn`` — distnorm's synced BatchRenorm and CmBN (a call is one
+  micro-batch of a 4-step cycle); CBN is timed per model step (``model.py``) only,
+  since its compensation needs the producing layer,
 * ``fairscale``  — ``fairscale.experimental.nn.SyncBatchNorm`` (if installed),
 * ``torch_algo`` — torch's ``nn.SyncBatchNorm`` algorithm re-implemented for CPU
   (``benchmarks/torch_sync_bn.py``; torch's own class refuses CPU), with the same
@@ -58,8 +61,12 @@ SHAPES: list[Shape] = [(2, 64, 112, 112), (2, 256, 56, 56), (2, 512, 28, 28), (2
 QUICK_SHAPES: list[Shape] = [(2, 256, 28, 28)]
 PROFILE_SHAPE: Shape = (2, 256, 56, 56)
 
-IMPLS = ["local", "distnorm", "distnorm_eager", "fairscale", "torch_algo", "torch_algo_var_mean"]
+IMPLS = ["local", "distnorm", "distnorm_eager", "brn", "cmbn", "fairscale", "torch_algo",
+         "torch_algo_var_mean"]
+# Variants whose training output is not BatchNorm's (no correctness check against it).
+NOT_BATCH_NORM = ("brn", "cmbn")
 LABELS = {"local": "local BN", "distnorm": "distnorm", "distnorm_eager": "distnorm, eager ops",
+          "brn": "distnorm BRN", "cmbn": "distnorm CmBN",
           "fairscale": "fairscale",
           "torch_algo": "torch-algo", "torch_algo_var_mean": "torch-algo (var_mean)"}
 FAIRSCALE_HINT = ("fairscale is not installed: its column is skipped. "
@@ -122,6 +129,10 @@ def make_layer(name: str, channels: int, dtype: Any = None) -> Any:
         layer = torch.nn.BatchNorm2d(channels)
     elif name in ("distnorm", "distnorm_eager"):
         layer = distnorm.SyncBatchNorm(channels)
+    elif name == "brn":  # renormalizing from the first step: the r/d path is timed
+        layer = distnorm.BatchRenorm(channels)
+    elif name == "cmbn":  # one call = one micro-batch of a 4-step cycle
+        layer = distnorm.CrossMiniBatchNorm(channels, accumulation_steps=4)
     elif name == "fairscale":
         layer = _fairscale_cls()(channels)
     elif name == "torch_algo":
@@ -139,12 +150,11 @@ def expected_bytes(name: str, channels: int, world: int) -> dict[str, int] | Non
 
     if name == "local":
         return {"forward": 0, "backward": 0}
-    if name in ("distnorm", "distnorm_eager"):
-        # distnorm at be628cf: float64 all-reduce of [m, Σx (C), Σx² (C), non-finite flag,
-        # 4 guard words] forward and of [Σg (C), Σg·x̂ (C), 4 guard words] backward
-        # (before its fault guards: (2C + 1)·8 and 2C·4). Only documentation: the
-        # table shows what was counted.
-        return {"forward": (2 * channels + 6) * 8, "backward": (2 * channels + 4) * 8}
+    if name in ("distnorm", "distnorm_eager", "brn", "cmbn"):
+        # float64 all-reduce of [m, Σx (C), Σx² (C)] forward and of [Σg (C), Σg·x̂ (C)]
+        # backward, each followed by the guard's five numbers (non-finite flag, tag,
+        # tag², call, call²); the header all-gather only runs on a layer's first call.
+        return {"forward": (2 * channels + 6) * 8, "backward": (2 * channels + 5) * 8}
     if name == "fairscale":  # all-reduce count (1), all-reduce [mean, E[x²]] (2C); backward 2C
         return {"forward": (1 + 2 * channels) * 4, "backward": 2 * channels * 4}
     if name.startswith("torch_algo"):
@@ -317,7 +327,7 @@ def _check_rank(rank: int, world: int, impls: Sequence[str]) -> dict[str, Any]:
     for case, sizes in cases.items():
         report[case] = {}
         for name in impls:
-            if name == "local":
+            if name == "local" or name in NOT_BATCH_NORM:
                 continue
             try:
                 report[case][name] = _check_one(name, rank, world, sizes, channels, hw)

@@ -35,7 +35,8 @@ def test_layer_benchmark_quick_reports_every_column(tmp_path):
     payload = json.loads((tmp_path / "layer_cpu.json").read_text())
     assert (tmp_path / "layer_cpu.md").read_text().startswith("# Per-layer benchmark")
 
-    expected = ["local", "distnorm", "distnorm_eager", "torch_algo", "torch_algo_var_mean"]
+    expected = ["local", "distnorm", "distnorm_eager", "brn", "cmbn", "torch_algo",
+                "torch_algo_var_mean"]
     if has_fairscale():
         expected.append("fairscale")
     rows = payload["results"]
@@ -45,10 +46,9 @@ def test_layer_benchmark_quick_reports_every_column(tmp_path):
         for name in expected:
             impl = row["impls"][name]
             assert impl["fwd_bwd_ms"] > 0 and 0 < impl["fwd_ms"] <= impl["fwd_bwd_ms"] * 1.5
-            if not name.startswith("distnorm"):
-                # Bytes counted from the collectives actually issued match the baselines'
-                # formulas (distnorm's own wire format may evolve: only counted).
-                assert impl["bytes"] == impl["bytes_expected"], (name, impl["bytes"], impl["bytes_expected"])
+            # Bytes counted from the collectives actually issued match each one's formula
+            # (distnorm's: payload plus the guard's five float64 numbers).
+            assert impl["bytes"] == impl["bytes_expected"], (name, impl["bytes"], impl["bytes_expected"])
         assert row["impls"]["local"]["bytes"] == {"forward": 0, "backward": 0}
         assert row["impls"]["torch_algo"]["bytes"] == {"forward": (2 * channels + 1) * 2 * 4,
                                                        "backward": 2 * channels * 4}
