@@ -4,8 +4,8 @@ Timing is done by :func:`time_interleaved` and only there (the xformers rule: ev
 script times its candidates through one helper). It is not
 ``torch.utils.benchmark.Timer`` because a collective layer must be timed with every
 rank in step and the candidates *interleaved rep by rep* (these machines are shared
-and their speed drifts): each rep runs every case once, in an order rotated from rep
-to rep, after a barrier, and records wall time with ``time.perf_counter`` (CPU ops
+and their speed drifts): each rep runs every case once, in a fresh order drawn
+from the rep's number (no case always follows the same one), after a barrier, and records wall time with ``time.perf_counter`` (CPU ops
 are synchronous). A case may mark laps (e.g. the end of the forward) inside its
 step. :func:`summarize` takes, per rep, the slowest rank (a synced layer is as
 fast as its last rank), then the median and quartiles over reps.
@@ -17,6 +17,7 @@ import datetime
 import gc
 import os
 import queue
+import random
 import statistics
 import sys
 import tempfile
@@ -164,11 +165,22 @@ class _Samples:
     laps: dict[str, list[float]] = field(default_factory=dict)
 
 
+def round_order(cases: Sequence[Case], rnd: int) -> list[Case]:
+    """The order of round ``rnd``: a permutation seeded by ``rnd``, equal on all ranks."""
+    order = list(cases)
+    random.Random(rnd).shuffle(order)
+    return order
+
+
 def time_interleaved(cases: Sequence[Case], reps: int, warmup: int = 2,
-                     barrier: Callable[[], None] | None = None) -> dict[str, dict[str, list[float]]]:
+                     barrier: Callable[[], None] | None = None,
+                     first_round: int = 0) -> dict[str, dict[str, list[float]]]:
     """Time ``cases`` interleaved: ``reps`` rounds, each running every case once.
 
-    The order of the cases is rotated by one every round; ``barrier`` (e.g.
+    Every round runs the cases in a fresh order, a permutation drawn from a seed
+    equal to the round's number (the same on every rank): a case's cost can depend
+    on what ran just before it (allocator and cache state), and a fixed cyclic
+    order — a rotation — would always give it the same predecessor. ``barrier`` (e.g.
     ``torch.distributed.barrier``) runs before every timed step so all ranks start
     together; garbage collection is off while timing. Every rank must call this
     with the same cases in the same order.
@@ -183,8 +195,7 @@ def time_interleaved(cases: Sequence[Case], reps: int, warmup: int = 2,
     gc.disable()
     try:
         for rnd in range(warmup + reps):
-            shift = rnd % len(cases)
-            for case in list(cases[shift:]) + list(cases[:shift]):
+            for case in round_order(cases, first_round + rnd):
                 if case.setup is not None:
                     case.setup()
                 if barrier is not None:

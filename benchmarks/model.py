@@ -203,7 +203,7 @@ def _time_within(cases: Sequence[Case], reps: int, warmup: int, budget_s: float,
                  min_reps: int) -> dict[str, dict[str, list[float]]]:
     """``time_interleaved`` one round at a time, until ``reps`` or the time budget.
 
-    Round k runs the cases rotated by k, as one ``time_interleaved`` call would; after
+    Round k runs the cases in round k's order, as one ``time_interleaved`` call would; after
     each round the ranks agree (one all-reduce, untimed) whether ``budget_s`` seconds
     of timing have passed, and stop there once ``min_reps`` rounds are done. A
     shared machine's load decides how many reps fit; the JSON records how many ran.
@@ -217,9 +217,8 @@ def _time_within(cases: Sequence[Case], reps: int, warmup: int, budget_s: float,
     start = time.monotonic()
     merged: dict[str, dict[str, list[float]]] = {c.name: {} for c in cases}
     for k in range(reps):
-        shift = k % len(cases)
-        rotated = list(cases[shift:]) + list(cases[:shift])
-        for name, laps in time_interleaved(rotated, reps=1, warmup=0, barrier=dist.barrier).items():
+        for name, laps in time_interleaved(cases, reps=1, warmup=0, barrier=dist.barrier,
+                                           first_round=warmup + k).items():
             for lap, values in laps.items():
                 merged[name].setdefault(lap, []).extend(values)
         over = torch.tensor([float(time.monotonic() - start > budget_s)])
