@@ -119,20 +119,20 @@ def _moment_sums_short_rows(x3: Tensor) -> Tensor:
     return _pack(x3.shape[0] * x3.shape[2], shift[:, 0].to(torch.float64), first, second)
 
 
-def _affine_grad(g3: Tensor, k: Tensor, a: Tensor, c: Tensor, x3: Tensor) -> Tensor:
+def _affine_grad(g3: Tensor, x3: Tensor, k: Tensor, a: Tensor, c: Tensor) -> Tensor:
     out = g3.float() * k[None, :, None] + x3.float() * a[None, :, None] + c[None, :, None]
     return out.to(x3.dtype)
 
 
-def _run(fn: Callable[..., Tensor], *args: Tensor) -> Optional[Tensor]:
+def _run(fn: Callable[..., Tensor], dtype: torch.dtype, *args: Tensor) -> Optional[Tensor]:
     """``fn(*args)`` compiled, or ``None`` if compiling it failed (use eager ops).
 
-    One compiled function per kernel and dtype, each with its own code object, so
+    One compiled function per kernel and input ``dtype``, each with its own code object, so
     that each has its own cache of graphs (dynamo allows 8 per code object, and
     dtypes, layouts and sizes of 1 each need one).
     """
     global _warned
-    key = (fn.__name__, args[-1].dtype)
+    key = (fn.__name__, dtype)
     compiled = _compiled.get(key, _MISSING)
     if compiled is _MISSING:
         code = fn.__code__.replace(co_name=f"{fn.__name__}_{str(key[1]).split('.')[-1]}")
@@ -168,8 +168,8 @@ def moment_sums(x: Tensor) -> Optional[Tensor]:
     if x3 is None:
         return None
     if 1 < x3.shape[2] <= SHORT_ROW:
-        return _run(_moment_sums_short_rows, x3)
-    return _run(_moment_sums, x3)
+        return _run(_moment_sums_short_rows, x3.dtype, x3)
+    return _run(_moment_sums, x3.dtype, x3)
 
 
 def affine_grad(grad_out: Tensor, x: Tensor, k: Tensor, a: Tensor, c: Tensor) -> Optional[Tensor]:
@@ -184,7 +184,7 @@ def affine_grad(grad_out: Tensor, x: Tensor, k: Tensor, a: Tensor, c: Tensor) ->
     x3, g3 = _canonical(x), _canonical(grad_out)
     if x3 is None or g3 is None or 1 < x3.shape[2] <= SHORT_ROW:
         return None  # short rows: the native eval kernel + addcmul_ are faster
-    out = _run(_affine_grad, g3, k.float(), a.float(), c.float(), x3)
+    out = _run(_affine_grad, x3.dtype, g3, x3, k.float(), a.float(), c.float())
     if out is None:
         return None
     if x.is_contiguous():
