@@ -6,6 +6,10 @@ forward+backward of one layer for
 * ``local``      — ``torch.nn.BatchNorm2d`` on the local slice (no communication),
 * ``distnorm``   — ``distnorm.SyncBatchNorm``,
 * ``distnorm_eager`` — the same with its compiled kernels off (``DISTNORM_COMPILE=0``),
+* ``distnorm_bare`` — the same with its collectives bare ``dist.all_reduce`` calls (no
+  header, guard or non-finite flag: what the fault checks cost),
+* ``distnorm_local`` — the same with every collective skipped: distnorm's local math
+  alone (its outputs are then local BN's; timed, not checked),
 * ``brn``, ``cmbn`` — distnorm's synced BatchRenorm and CmBN (a call is one
   micro-batch of a 4-step cycle); CBN is timed per model step (``model.py``) only,
   since its compensation needs the producing layer,
@@ -19,7 +23,11 @@ forward+backward of one layer for
   kernel rather than torch's algorithm; ratios use ``torch_algo``),
 
 plus the *collective floor* of each synced implementation: the very collectives it
-issued (recorded from one real step), replayed back to back with nothing else. All
+issued (recorded from one real step), replayed back to back with nothing else. Local
+BN plus distnorm's floor is the *bound*: what a synced layer computing as fast as
+local BN and communicating as fast as the bare collectives would cost, so
+torch-algo / bound is the largest speed-up over torch's algorithm that any
+implementation could show on the machine at hand. All
 candidates of a shape run interleaved rep by rep (``_common.time_interleaved``);
 medians of the slowest rank per rep. Bytes per rank are counted by intercepting
 ``torch.distributed.all_reduce`` / ``all_gather`` during one step: the size of each
@@ -61,11 +69,14 @@ SHAPES: list[Shape] = [(2, 64, 112, 112), (2, 256, 56, 56), (2, 512, 28, 28), (2
 QUICK_SHAPES: list[Shape] = [(2, 256, 28, 28)]
 PROFILE_SHAPE: Shape = (2, 256, 56, 56)
 
-IMPLS = ["local", "distnorm", "distnorm_eager", "brn", "cmbn", "fairscale", "torch_algo",
-         "torch_algo_var_mean"]
+IMPLS = ["local", "distnorm", "distnorm_eager", "distnorm_bare", "distnorm_local", "brn", "cmbn",
+         "fairscale", "torch_algo", "torch_algo_var_mean"]
 # Variants whose training output is not BatchNorm's (no correctness check against it).
-NOT_BATCH_NORM = ("brn", "cmbn")
+NOT_BATCH_NORM = ("brn", "cmbn", "distnorm_local")
+# distnorm's layer run in a modified mode (see ``distnorm_mode``).
+DISTNORM_MODES = {"distnorm_eager": "eager", "distnorm_bare": "bare", "distnorm_local": "local"}
 LABELS = {"local": "local BN", "distnorm": "distnorm", "distnorm_eager": "distnorm, eager ops",
+          "distnorm_bare": "distnorm, bare all-reduce", "distnorm_local": "distnorm, no collectives",
           "brn": "distnorm BRN", "cmbn": "distnorm CmBN",
           "fairscale": "fairscale",
           "torch_algo": "torch-algo", "torch_algo_var_mean": "torch-algo (var_mean)"}
@@ -127,7 +138,7 @@ def make_layer(name: str, channels: int, dtype: Any = None) -> Any:
 
     if name == "local":
         layer = torch.nn.BatchNorm2d(channels)
-    elif name in ("distnorm", "distnorm_eager"):
+    elif name == "distnorm" or name in DISTNORM_MODES:
         layer = distnorm.SyncBatchNorm(channels)
     elif name == "brn":  # renormalizing from the first step: the r/d path is timed
         layer = distnorm.BatchRenorm(channels)
@@ -150,6 +161,10 @@ def expected_bytes(name: str, channels: int, world: int) -> dict[str, int] | Non
 
     if name == "local":
         return {"forward": 0, "backward": 0}
+    if name == "distnorm_local":
+        return {"forward": 0, "backward": 0}
+    if name == "distnorm_bare":  # the payloads alone; backward's in the activations' float32
+        return {"forward": (2 * channels + 1) * 8, "backward": 2 * channels * 4}
     if name in ("distnorm", "distnorm_eager", "brn", "cmbn"):
         # float64 all-reduce of [m, Σx (C), Σx² (C)] forward and of [Σg (C), Σg·x̂ (C)]
         # backward, each followed by the guard's five numbers (non-finite flag, tag,
@@ -257,9 +272,40 @@ def eager_kernels(active: bool = True) -> Iterator[None]:
                 os.environ[COMPILE_ENV] = saved
 
 
-def _train_step(layer: Any, x: Any, dy: Any, eager: bool = False) -> Callable[[Callable[[str], None]], None]:
+@contextlib.contextmanager
+def distnorm_mode(mode: str | None) -> Iterator[None]:
+    """Run distnorm's layers in a modified mode while active, for the breakdown.
+
+    ``"eager"``: compiled kernels off. ``"bare"``: every checked collective becomes a
+    bare ``dist.all_reduce`` of the payload. ``"local"``: every checked collective is
+    skipped (the buffer comes back as it went in), leaving distnorm's local math.
+    """
+    from distnorm.distributed import checks
+
+    if mode in (None, "eager"):
+        with eager_kernels(mode == "eager"):
+            yield
+        return
+    import torch.distributed as dist
+
+    def bare(buffer: Any, group: Any, *args: Any, **kwargs: Any) -> Any:
+        dist.all_reduce(buffer, group=group)
+        return buffer
+
+    def skip(buffer: Any, *args: Any, **kwargs: Any) -> Any:
+        return buffer
+
+    original = checks.checked_all_reduce
+    checks.checked_all_reduce = {"bare": bare, "local": skip}[mode]  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        checks.checked_all_reduce = original  # type: ignore[assignment]
+
+
+def _train_step(layer: Any, x: Any, dy: Any, mode: str | None = None) -> Callable[[Callable[[str], None]], None]:
     def step(lap: Callable[[str], None]) -> None:
-        with eager_kernels(eager):
+        with distnorm_mode(mode):
             y = layer(x)
             lap("forward")
             y.backward(dy)
@@ -288,18 +334,19 @@ def _bench_rank(rank: int, world: int, shapes: Sequence[Shape], impls: Sequence[
         # collectives to replay as the floor.
         collectives: dict[str, list[dict[str, Any]]] = {}
         for name, layer in layers.items():
-            zero(layer)()
-            layer(x).backward(dy)
-            log: list[dict[str, Any]] = []
-            phase = ["forward"]
-            zero(layer)()
-            with count_collectives(log, phase):
-                y = layer(x)
-                phase[0] = "backward"
-                y.backward(dy)
+            with distnorm_mode(DISTNORM_MODES.get(name)):
+                zero(layer)()
+                layer(x).backward(dy)
+                log: list[dict[str, Any]] = []
+                phase = ["forward"]
+                zero(layer)()
+                with count_collectives(log, phase):
+                    y = layer(x)
+                    phase[0] = "backward"
+                    y.backward(dy)
             collectives[name] = log
 
-        cases = [Case(name, train_step(layer, eager=name == "distnorm_eager"), zero(layer))
+        cases = [Case(name, train_step(layer, mode=DISTNORM_MODES.get(name)), zero(layer))
                  for name, layer in layers.items()]
         cases += [Case(f"floor:{name}", _replay(collectives[name], world))
                   for name in layers if collectives[name]]
@@ -330,7 +377,8 @@ def _check_rank(rank: int, world: int, impls: Sequence[str]) -> dict[str, Any]:
             if name == "local" or name in NOT_BATCH_NORM:
                 continue
             try:
-                report[case][name] = _check_one(name, rank, world, sizes, channels, hw)
+                with distnorm_mode(DISTNORM_MODES.get(name)):
+                    report[case][name] = _check_one(name, rank, world, sizes, channels, hw)
             except Exception as exc:  # noqa: BLE001 - reported, judged by the caller
                 report[case][name] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
                 # A raising rank may leave the others inside a collective: resync.
@@ -500,7 +548,13 @@ def build_results(world: int, rank_outputs: Sequence[dict[str, Any]], impls: Seq
                 ratios[f"fwd distnorm/{other}"] = fwd["distnorm"] / fwd[other]
                 ratios[f"cpu distnorm/{other}"] = cpu["distnorm"] / cpu[other]
         if "distnorm" in row["floors"]:
-            ratios["(distnorm-local)/floor"] = (ms["distnorm"] - ms["local"]) / row["floors"]["distnorm"]["fwd_bwd_ms"]
+            floor = row["floors"]["distnorm"]["fwd_bwd_ms"]
+            ratios["(distnorm-local)/floor"] = (ms["distnorm"] - ms["local"]) / floor
+            # The bound: local BN's compute plus the bare collectives, back to back.
+            row["bound_ms"] = ms["local"] + floor
+            ratios["distnorm/bound"] = ms["distnorm"] / row["bound_ms"]
+            if "torch_algo" in ms:
+                ratios["torch_algo/bound"] = ms["torch_algo"] / row["bound_ms"]
         row["ratios"] = ratios
         rows.append(row)
     return rows
@@ -538,6 +592,12 @@ def markdown(results: list[dict[str, Any]], impls: Sequence[str], meta: dict[str
             cpu = [r["ratios"][f"cpu distnorm/{other}"] for r in rows]
             parts.append(f"/ {LABELS[other]} {min(wall):.2f}–{max(wall):.2f} (CPU time {min(cpu):.2f}–{max(cpu):.2f})")
         lines.append(f"- W = {world}: distnorm " + "; ".join(parts))
+        if all("torch_algo/bound" in r["ratios"] for r in rows):
+            best = [r["ratios"]["torch_algo/bound"] for r in rows]
+            ours = [r["ratios"]["distnorm/bound"] for r in rows]
+            lines.append(f"  - bound = local BN + floor: torch-algo / bound {min(best):.2f}–{max(best):.2f} "
+                         "(the largest speed-up over torch's algorithm any synced layer could show "
+                         f"here); distnorm / bound {min(ours):.2f}–{max(ours):.2f}")
     for world in sorted({r["world"] for r in results}):
         rows = [r for r in results if r["world"] == world]
         for title, key in (("forward + backward", "fwd_bwd_ms"), ("forward only", "fwd_ms"),
@@ -559,6 +619,7 @@ def markdown(results: list[dict[str, Any]], impls: Sequence[str], meta: dict[str
                 if key == "fwd_bwd_ms":
                     cells.append(f"{r['ratios']['(distnorm-local)/floor']:.1f}")
                 lines.append("| " + " | ".join(cells) + " |")
+        lines += breakdown_table(world, rows, impls)
         synced = [n for n in impls if n in ("distnorm", "fairscale", "torch_algo")]
         head = ["C"] + [f"{LABELS[n]} fwd / bwd" for n in synced]
         lines += ["", (f"## W = {world}: bytes per rank per layer and step (counted: all-reduce buffer, "
@@ -595,6 +656,31 @@ def markdown(results: list[dict[str, Any]], impls: Sequence[str], meta: dict[str
             lines += ["", ("inf: non-finite results (fairscale's statistics are NaN when a rank's slice "
                            "is empty: the mean of an empty tensor).")]
     return "\n".join(lines) + "\n"
+
+
+def breakdown_table(world: int, rows: Sequence[dict[str, Any]], impls: Sequence[str]) -> list[str]:
+    """Where distnorm's forward + backward time goes, against the bound."""
+    steps = [n for n in ("local", "distnorm_local", "distnorm_bare", "distnorm", "torch_algo") if n in impls]
+    if not all("bound_ms" in r for r in rows) or "distnorm" not in steps:
+        return []
+    algo = "torch_algo" in steps
+    head = (["shape (per rank)"] + [LABELS[n] for n in steps[:2]] + ["floor", "bound = local BN + floor"]
+            + [LABELS[n] for n in steps[2:]] + ["distnorm / bound"]
+            + (["torch-algo / bound", "torch-algo's floor"] if algo else []))
+    lines = ["", (f"## W = {world}: where distnorm's time goes (forward + backward, ms; wall). "
+                  "no collectives = its local math alone; bare all-reduce = without the fault "
+                  "checks; floor = its two all-reduces alone; torch-algo's floor = torch's "
+                  "all-gather and all-reduce alone"), "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        ms = {n: r["impls"][n]["fwd_bwd_ms"] for n in steps}
+        cells = (["×".join(map(str, r["shape"]))] + [f"{ms[n]:.2f}" for n in steps[:2]]
+                 + [f"{r['floors']['distnorm']['fwd_bwd_ms']:.2f}", f"{r['bound_ms']:.2f}"]
+                 + [f"{ms[n]:.2f}" for n in steps[2:]] + [f"{r['ratios']['distnorm/bound']:.2f}"])
+        if algo:
+            cells += [f"{r['ratios']['torch_algo/bound']:.2f}", f"{r['floors']['torch_algo']['fwd_bwd_ms']:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def check_passed(check: dict[str, Any], tol: float = 1e-6) -> bool:

@@ -35,8 +35,8 @@ def test_layer_benchmark_quick_reports_every_column(tmp_path):
     payload = json.loads((tmp_path / "layer_cpu.json").read_text())
     assert (tmp_path / "layer_cpu.md").read_text().startswith("# Per-layer benchmark")
 
-    expected = ["local", "distnorm", "distnorm_eager", "brn", "cmbn", "torch_algo",
-                "torch_algo_var_mean"]
+    expected = ["local", "distnorm", "distnorm_eager", "distnorm_bare", "distnorm_local", "brn",
+                "cmbn", "torch_algo", "torch_algo_var_mean"]
     if has_fairscale():
         expected.append("fairscale")
     rows = payload["results"]
@@ -50,20 +50,35 @@ def test_layer_benchmark_quick_reports_every_column(tmp_path):
             # (distnorm's: payload plus the guard's five float64 numbers).
             assert impl["bytes"] == impl["bytes_expected"], (name, impl["bytes"], impl["bytes_expected"])
         assert row["impls"]["local"]["bytes"] == {"forward": 0, "backward": 0}
+        # The breakdown's modes did what they say: no collective at all, or the bare payloads.
+        assert row["impls"]["distnorm_local"]["collectives"] == []
+        assert [op["numel"] for op in row["impls"]["distnorm_bare"]["collectives"]] == [
+            2 * channels + 1, 2 * channels]
         assert row["impls"]["torch_algo"]["bytes"] == {"forward": (2 * channels + 1) * 2 * 4,
                                                        "backward": 2 * channels * 4}
         dn = row["impls"]["distnorm"]["bytes"]
         assert dn["forward"] >= (2 * channels + 1) * 4 and dn["backward"] >= 2 * channels * 4
         for name in expected[1:]:
-            assert row["floors"][name]["fwd_bwd_ms"] > 0
+            if name != "distnorm_local":  # the one synced path with nothing to replay
+                assert row["floors"][name]["fwd_bwd_ms"] > 0
         ratios = ["distnorm/local", "distnorm/distnorm_eager", "distnorm/torch_algo",
                   "(distnorm-local)/floor"]
         if has_fairscale():
             ratios.append("distnorm/fairscale")
         for key in ratios:
             assert key in row["ratios"]
-    # The quick run checks its baselines in its own ranks too.
+        bound = row["impls"]["local"]["fwd_bwd_ms"] + row["floors"]["distnorm"]["fwd_bwd_ms"]
+        assert row["bound_ms"] == pytest.approx(bound)
+        assert row["ratios"]["torch_algo/bound"] == pytest.approx(
+            row["impls"]["torch_algo"]["fwd_bwd_ms"] / bound)
+        assert "distnorm_local" not in row["floors"]
+    md = (tmp_path / "layer_cpu.md").read_text()
+    assert "where distnorm's time goes" in md and "torch-algo / bound" in md
+    # The quick run checks its baselines in its own ranks too, and distnorm's bare
+    # all-reduce mode still computes BatchNorm of the concatenated batch.
     assert payload["check_passed"] is True
+    for per_impl in payload["check"].values():
+        assert max(per_impl["distnorm_bare"].values()) < 1e-9, per_impl["distnorm_bare"]
 
 
 def test_torch_algorithm_matches_batchnorm_on_concatenated_batch():
