@@ -24,6 +24,7 @@ or goes on without them (``"skip"``).
 
 from __future__ import annotations
 
+import math
 import os
 import zlib
 from typing import Any, Callable, Dict, List, Optional
@@ -106,9 +107,8 @@ def _exchange_header(layer: Any, what: str, group: Any, header: List[float]) -> 
           "channel count, all in training mode.")
 
 
-def _verify_guard(layer: Any, what: str, group: Any, guard: List[float]) -> None:
+def _verify_guard(layer: Any, what: str, group: Any, world: int, guard: List[float]) -> None:
     tag_sum, tag_sq, call_sum, call_sq = guard
-    world = dist.get_world_size(group)
     if world * tag_sq == tag_sum * tag_sum and world * call_sq == call_sum * call_sum:
         return
     raise SyncError(
@@ -155,6 +155,7 @@ def checked_all_reduce(buffer: Tensor, group: Any, layer: Any, what: str,
     """
     state = _state(layer)
     _drain(state)
+    world = dist.get_world_size(group)
     calls = state["calls"].get(what, 0) + 1
     state["calls"][what] = calls
     tags = state.setdefault("tags", {})
@@ -166,22 +167,29 @@ def checked_all_reduce(buffer: Tensor, group: Any, layer: Any, what: str,
                          [float(tag), float(count), float(buffer.numel()), float(layer.training)])
         state["checked"].add(what)
     payload = buffer.to(torch.float64)
-    # Tail: [non-finite rank bits, tag, tag², call, call²].
-    tail = torch.tensor([0.0, tag, tag * tag, count, count * count], dtype=torch.float64,
-                        device=buffer.device)
+    flag, bad = 0.0, None
     if nonfinite is not None:
+        bit = float(2 ** min(dist.get_rank(group), 52))  # ranks past 52 share the top exact bit
         # A NaN or ±Inf anywhere makes the sum non-finite (the sums of finite moment
         # buffers never overflow float64): one reduction instead of an isfinite pass.
-        bad = payload.sum().isfinite().logical_not_()
-        payload.masked_fill_(bad, 0.0)  # the buffer is consumed (see all_reduce_sum)
-        rank = min(dist.get_rank(group), 52)  # ranks past 52 share the top exact bit
-        tail[0] = bad * float(2 ** rank)
+        if payload.device.type == "cpu":  # the host reads it for free: branch
+            if not math.isfinite(payload.sum().item()):
+                payload.zero_()  # the buffer is consumed (see all_reduce_sum)
+                flag = bit
+        else:  # on the device, without a host synchronisation
+            bad = payload.sum().isfinite().logical_not_()
+            payload.masked_fill_(bad, 0.0)
+    # Tail: [non-finite rank bits, tag, tag², call, call²].
+    tail = torch.tensor([flag, tag, tag * tag, count, count * count], dtype=torch.float64,
+                        device=buffer.device)
+    if bad is not None:
+        tail[0] = bad * bit
     packed = torch.cat([payload, tail])
     _collective(dist.all_reduce, layer, what, group, packed, op=dist.ReduceOp.SUM)
 
     def verify(values: List[float]) -> None:
-        if dist.get_world_size(group) <= _MAX_EXACT_WORLD:
-            _verify_guard(layer, what, group, values[1:])
+        if world <= _MAX_EXACT_WORLD:
+            _verify_guard(layer, what, group, world, values[1:])
         if nonfinite == "raise" and values[0]:
             _raise_nonfinite(layer, group, int(values[0]))
 
