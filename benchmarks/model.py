@@ -22,7 +22,11 @@ collectives one of its steps issued (recorded by intercepting
 ``torch.distributed`` during one steady-state step, as ``layer.py`` does), replayed
 back to back with nothing else. The headline is ``(sync − local) / floor(sync)``:
 the time distnorm adds to a training step, in units of the bare communication it
-needs. There is no DistributedDataParallel: the gradient all-reduce would be the
+needs. Beside it, the *bound*: local BN's step plus sync's floor, a synced step whose
+normalization cost what local BN's does and whose collectives cost no more than
+alone; torch-algo / bound is the largest speed-up over torch's algorithm any
+implementation of the one-all-reduce design could show on the machine at hand.
+There is no DistributedDataParallel: the gradient all-reduce would be the
 same for every method and is left out, so that the differences are the
 normalization's.
 
@@ -37,6 +41,7 @@ Usage::
     python benchmarks/model.py --worlds 2 4    # also W = 4 (oversubscribes 2 cores)
     python benchmarks/model.py --quick         # W = 2, 32 px, 2 reps (smoke test)
     python benchmarks/model.py --profile       # torch.profiler: local, sync, torch-algo; W = 2
+    python benchmarks/model.py --report results/model_cpu.json  # rebuild .md/.png, no run
 
 Results: ``<out>/model_cpu.json``, ``<out>/model_cpu.md`` and ``<out>/model_cpu.png``
 (``--out``, default ``benchmarks/results``); ``--profile`` writes
@@ -414,6 +419,7 @@ def build_results(world: int, outputs: Sequence[dict[str, Any]], methods: Sequen
     # sync and of local ran side by side): less sensitive to drift across the run.
     paired = [s - l for s, l in zip(_worst_series(outputs, "sync"), _worst_series(outputs, "local"))]
     ratios["(sync-local)/floor paired"] = statistics.median(paired) / sync["floor"]["step_ms"]
+    ratios.update(bound_ratios(row))
     for other in ("local", "torch_algo", "fairscale"):
         if other in row["methods"]:
             ratios[f"sync/{other}"] = sync["step_ms"] / row["methods"][other]["step_ms"]
@@ -424,6 +430,20 @@ def build_results(world: int, outputs: Sequence[dict[str, Any]], methods: Sequen
             ratios[f"overhead sync/{other}"] = sync["overhead_ms"] / row["methods"][other]["overhead_ms"]
     row["collectives"] = {name: first["collectives"][name] for name in methods}
     return row
+
+
+def bound_ratios(row: dict[str, Any]) -> dict[str, float]:
+    """Each synced method's step over the bound: local BN's step plus sync's floor.
+
+    The bound is what a synced step would take if its normalization computed as fast
+    as local BN and its collectives cost no more than alone, back to back; so
+    torch-algo / bound is the largest speed-up over torch's algorithm any
+    implementation of the one-all-reduce design could show on the machine at hand.
+    """
+    methods = row["methods"]
+    bound = methods["local"]["step_ms"] + methods["sync"]["floor"]["step_ms"]
+    return {f"{name}/bound": methods[name]["step_ms"] / bound
+            for name in ("sync", "torch_algo", "fairscale") if name in methods}
 
 
 def _fmt_bytes(n: int) -> str:
@@ -467,6 +487,13 @@ def markdown(results: Sequence[dict[str, Any]], methods: Sequence[str], meta: di
             if f"sync/{other}" in q:
                 parts.append(f"sync / {LABELS[other]} = **{q[f'sync/{other}']:.3f}** "
                              f"(CPU time {q[f'cpu sync/{other}']:.3f})")
+        bound = bound_ratios(r)  # computed here too: reports rebuilt from older results
+        bound_ms = local["step_ms"] + sync["floor"]["step_ms"]
+        parts.append(f"bound = local BN + sync's floor = {bound_ms:.0f} ms: sync / bound = "
+                     f"{bound['sync/bound']:.2f}" + (f", {LABELS['torch_algo']} / bound = "
+                                                     f"{bound['torch_algo/bound']:.2f} (the largest "
+                                                     "speed-up over it any one-all-reduce layer could "
+                                                     "show here)" if "torch_algo/bound" in bound else ""))
         lines.append(f"- W = {r['world']}: " + "; ".join(parts))
     for r in results:
         head = ["method", "step ms [IQR]", "forward ms", "fwd+bwd ms", "CPU ms", "/ local",
@@ -543,7 +570,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "(default 420; quick: none)")
     parser.add_argument("--min-reps", type=int, default=None, help="timed reps at least (default 8)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed warm-up rounds (default 1; quick 0: every model already took 2 steps)")
+    parser.add_argument("--report", metavar="JSON", default=None,
+                        help="no run: rebuild model_cpu.md and model_cpu.png in --out from a saved "
+                             "model_cpu.json (after a change to the report)")
     args = parser.parse_args(argv)
+
+    if args.report:
+        with open(args.report) as f:
+            saved = json.load(f)
+        os.makedirs(args.out, exist_ok=True)
+        report = markdown(saved["results"], saved["meta"]["methods"], saved["meta"])
+        print(report)
+        with open(os.path.join(args.out, "model_cpu.md"), "w") as f:
+            f.write(report)
+        plot(saved["results"], saved["meta"]["methods"], saved["meta"], os.path.join(args.out, "model_cpu.png"))
+        return 0
 
     methods = [m for m in METHODS if args.methods is None or m in args.methods or m in ("local", "sync")]
     if "fairscale" in methods and not fairscale_available():

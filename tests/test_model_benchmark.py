@@ -68,3 +68,16 @@ def test_model_benchmark_quick_reports_every_column(tmp_path):
         keys.append("sync/fairscale")
     for key in keys:
         assert isinstance(row["ratios"][key], float), key
+    # The bound: local BN's step plus sync's floor.
+    bound = row["methods"]["local"]["step_ms"] + row["methods"]["sync"]["floor"]["step_ms"]
+    assert row["ratios"]["torch_algo/bound"] == pytest.approx(row["methods"]["torch_algo"]["step_ms"] / bound)
+    assert row["ratios"]["sync/bound"] == pytest.approx(row["methods"]["sync"]["step_ms"] / bound)
+
+    # --report rebuilds the table and plot from the saved results, without a run.
+    again = tmp_path / "again"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "model.py"), "--report",
+                           str(tmp_path / "model_cpu.json"), "--out", str(again)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (again / "model_cpu.md").read_text() == (tmp_path / "model_cpu.md").read_text()
+    assert (again / "model_cpu.png").read_bytes()[:4] == b"\x89PNG"
