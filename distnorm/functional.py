@@ -90,13 +90,14 @@ class _BatchNormWithMoments(torch.autograd.Function):
         if need_x:
             sums = all_reduce_sum(torch.cat([sum_g, sum_gxhat]), ctx.group, layer=ctx.layer,
                                   what="backward", nonfinite=_backward_policy(ctx.layer))
-            total_g, total_gxhat = sums[:channels], sums[channels:]
-            m = count.to(mean.dtype).clamp(min=1)
             scale = invstd if weight is None else invstd * weight.to(mean.dtype)
             # w/σ̂·(g − A/M − x̂·B/M) as one per-channel affine map of (g, x):
             # k·g + a·x + c with k = w/σ̂, a = −k·B/(M·σ̂), c = −k·A/M − a·μ.
-            coef_x = -scale * invstd * total_gxhat / m
-            const = -scale * total_g / m - coef_x * mean
+            # Both rows [k·A/M, k·B/M] in one op: on CPU each op costs tens of µs
+            # of dispatch whatever its size, a layer's fixed cost at 7×7.
+            per_count = sums.view(2, channels) * (scale / count.to(mean.dtype).clamp(min=1))
+            coef_x = per_count[1].mul_(invstd).neg_()
+            const = torch.addcmul(per_count[0], coef_x, mean).neg_()
             grad_x = kernels.affine_grad(grad_out, x, scale, coef_x, const)
             if grad_x is None:  # the compiled single pass does not apply
                 grad_x = _affine_grad_eager(grad_out, x, scale, coef_x, const)
@@ -187,13 +188,12 @@ def update_running_stats(running_mean: Tensor, running_var: Tensor,
     with torch.no_grad():
         has_data = moments.count > 0
         if num_batches_tracked is not None:
-            num_batches_tracked.add_(has_data.to(num_batches_tracked.dtype))
+            num_batches_tracked.add_(has_data)
         if momentum is None:
             assert num_batches_tracked is not None, "momentum=None needs num_batches_tracked"
-            factor = has_data / num_batches_tracked.clamp(min=1).to(torch.float64)
+            factor = (has_data / num_batches_tracked.clamp(min=1).to(torch.float64)).to(running_mean.dtype)
         else:
-            factor = has_data.to(torch.float64) * momentum
-        factor = factor.to(running_mean.dtype)
+            factor = has_data.to(running_mean.dtype) * momentum
         running_mean.lerp_(moments.mean.to(running_mean.dtype), factor)
         running_var.lerp_(moments.unbiased_var().to(running_var.dtype), factor)
 

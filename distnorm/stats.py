@@ -61,8 +61,8 @@ class Moments(NamedTuple):
 
         For ``M <= 1`` the biased variance (0) is returned rather than a 0/0.
         """
-        count = self.count.to(self.var.dtype)
-        return self.var * (count / (count - 1).clamp(min=1))
+        # M/(M − 1) as a 0-dim tensor: it takes the variance's dtype in the product.
+        return self.var * (self.count / (self.count - 1).clamp(min=1))
 
 
 def stats_dtype(x: Tensor) -> torch.dtype:
