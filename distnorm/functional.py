@@ -191,8 +191,9 @@ def update_running_stats(running_mean: Tensor, running_var: Tensor,
             num_batches_tracked.add_(has_data)
         if momentum is None:
             assert num_batches_tracked is not None, "momentum=None needs num_batches_tracked"
-            factor = (has_data / num_batches_tracked.clamp(min=1).to(torch.float64)).to(running_mean.dtype)
-        else:
+            factor = has_data / num_batches_tracked.clamp(min=1).to(torch.float64)
+            factor = factor.to(running_mean.dtype)
+        else:  # 1·momentum rounds to the buffers' dtype exactly as momentum does
             factor = has_data.to(running_mean.dtype) * momentum
         running_mean.lerp_(moments.mean.to(running_mean.dtype), factor)
         running_var.lerp_(moments.unbiased_var().to(running_var.dtype), factor)
