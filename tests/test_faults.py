@@ -664,6 +664,36 @@ def _pool_run(pool: Any, fn: Callable[..., Any], *args: Any) -> List[Any]:
     return results
 
 
+# -- row 7, both branches of the check ----------------------------------------------------
+def _w_nonfinite_branch(rank: int, world: int, on_host: bool, policy: str) -> Dict[str, Any]:
+    """One checked all-reduce with a NaN on rank 1, the non-finite check forced onto the
+    host branch (CPU) or the device branch (what CUDA runs: masks, no host read)."""
+    from distnorm.distributed import checks
+
+    layer = distnorm.SyncBatchNorm(3)
+    buffer = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64) * (rank + 1)
+    if rank == 1:
+        buffer[1] = math.nan
+    saved = checks._on_host
+    checks._on_host = lambda tensor: on_host
+    try:
+        return {"sum": checks.checked_all_reduce(buffer, dist.group.WORLD, layer, "forward", policy)}
+    except NonFiniteError as error:
+        return {"error": str(error)}
+    finally:
+        checks._on_host = saved
+
+
+@pytest.mark.parametrize("on_host", [True, False], ids=["host", "device"])
+def test_row7_both_branches_of_the_nonfinite_check(on_host, world2):
+    skipped = _pool_run(world2, _w_nonfinite_branch, on_host, "skip")
+    for out in skipped:  # rank 1 contributed zeros: the sum is rank 0's buffer
+        torch.testing.assert_close(out["sum"], torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64))
+    raised = _pool_run(world2, _w_nonfinite_branch, on_host, "raise")
+    for out in raised:  # every rank raises, naming rank 1 only
+        assert "rank(s) [1]" in out["error"], out
+
+
 # -- row 5: empty batches -----------------------------------------------------------------
 EMPTY_SIZES = [(0, 0), (3, 0), (0, 0), (0, 2), (4, 1)]  # all, some, all, some, none empty
 

@@ -129,6 +129,12 @@ def _drain(state: Dict[str, Any]) -> None:
     state["pending"] = keep
 
 
+def _on_host(tensor: Tensor) -> bool:
+    """Whether reading ``tensor`` on the host is free (CPU), so that a check may branch
+    there instead of staying on the device."""
+    return tensor.device.type == "cpu"
+
+
 def _defer_or_check(tensor: Tensor, state: Dict[str, Any], check: Callable[[List[float]], None]) -> None:
     if tensor.device.type != "cuda":
         check(tensor.tolist())
@@ -172,7 +178,7 @@ def checked_all_reduce(buffer: Tensor, group: Any, layer: Any, what: str,
         bit = float(2 ** min(dist.get_rank(group), 52))  # ranks past 52 share the top exact bit
         # A NaN or ±Inf anywhere makes the sum non-finite (the sums of finite moment
         # buffers never overflow float64): one reduction instead of an isfinite pass.
-        if payload.device.type == "cpu":  # the host reads it for free: branch
+        if _on_host(payload):
             if not math.isfinite(payload.sum().item()):
                 payload.zero_()  # the buffer is consumed (see all_reduce_sum)
                 flag = bit
