@@ -35,17 +35,20 @@ def _backward_policy(layer: Optional[Any]) -> Optional[str]:
     return "skip" if getattr(layer, "nonfinite", None) == "skip" else None
 
 
-def _affine_grad_eager(grad_out: Tensor, x: Tensor, k: Tensor, a: Tensor, c: Tensor) -> Tensor:
-    """``k·grad_out + a·x + c`` per channel in eager ops (see :func:`distnorm.kernels.affine_grad`)."""
+def _affine_grad_eager(grad_out: Tensor, x: Tensor, k: Tensor, weight: Tensor, bias: Tensor,
+                       mean: Tensor, var: Tensor, eps: float) -> Tensor:
+    """``k·grad_out + weight·x̂ + bias`` per channel in eager ops, with
+    ``x̂ = (x − mean)/sqrt(var + eps)`` the forward's normalized input."""
     if x.dtype in (torch.float32, torch.float64):
-        # a·x + c by the eval-mode native kernel (one fused, vectorized pass; addcmul
-        # with a broadcast first operand is 2× slower on CPU), then k·g in place.
-        k, a, c = (t.to(x.dtype) for t in (k, a, c))
-        out = torch.batch_norm(x, a, c, torch.zeros_like(c), torch.ones_like(c), False, 0.0,
-                               0.0, torch.backends.cudnn.enabled)
-        return out.addcmul_(grad_out, _channel_view(k, x))
+        # weight·x̂ + bias is an eval-mode batch norm with the forward's statistics:
+        # one fused, vectorized native pass (addcmul with a broadcast first operand is
+        # 2× slower on CPU), then k·g in place.
+        out = torch.batch_norm(x, weight.to(x.dtype), bias.to(x.dtype), mean.to(x.dtype),
+                               var.to(x.dtype), False, 0.0, eps, torch.backends.cudnn.enabled)
+        return out.addcmul_(grad_out, _channel_view(k.to(x.dtype), x))
     # float16/bfloat16: computed in float32, rounded once
-    out = torch.addcmul(_channel_view(c, x), x, _channel_view(a, x))
+    a = weight * torch.rsqrt(var + eps)
+    out = torch.addcmul(_channel_view(bias - a * mean, x), x, _channel_view(a, x))
     return out.addcmul_(grad_out, _channel_view(k, x)).to(x.dtype)
 
 
@@ -56,7 +59,7 @@ class _BatchNormWithMoments(torch.autograd.Function):
     Backward (ALGORITHMS.md §1): with local A = Σg, B = Σg·x̂ all-reduced over the
     group and M the count the moments were taken over,
     ∂L/∂x = w/σ̂ · (g − A/M − x̂·B/M); ∂L/∂w = local Σg·x̂; ∂L/∂b = local Σg.
-    Saved for backward: x and four C-sized vectors, as ``nn.BatchNorm`` does.
+    Saved for backward: x and five C-sized vectors (``nn.BatchNorm`` saves four).
     """
 
     @staticmethod
@@ -69,14 +72,15 @@ class _BatchNormWithMoments(torch.autograd.Function):
         # one fused pass, any layout (channels_last is preserved), mixed precision.
         y = torch.batch_norm(x, weight, bias, mean_p, var_p, False, 0.0, eps,
                              torch.backends.cudnn.enabled)
-        invstd = torch.rsqrt(var.to(stats_dtype(x)) + eps)
-        ctx.save_for_backward(x, weight, mean.to(stats_dtype(x)), invstd, count)
+        var_s = var.to(stats_dtype(x))
+        invstd = torch.rsqrt(var_s + eps)
+        ctx.save_for_backward(x, weight, mean.to(stats_dtype(x)), var_s, invstd, count)
         ctx.group, ctx.layer, ctx.eps = group, layer, eps
         return y
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
-        x, weight, mean, invstd, count = ctx.saved_tensors
+        x, weight, mean, var, invstd, count = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         channels = x.shape[1]
         if x.numel() == 0:  # a shape fact: this rank's slice is empty
@@ -91,16 +95,19 @@ class _BatchNormWithMoments(torch.autograd.Function):
             sums = all_reduce_sum(torch.cat([sum_g, sum_gxhat]), ctx.group, layer=ctx.layer,
                                   what="backward", nonfinite=_backward_policy(ctx.layer))
             scale = invstd if weight is None else invstd * weight.to(mean.dtype)
-            # w/σ̂·(g − A/M − x̂·B/M) as one per-channel affine map of (g, x):
-            # k·g + a·x + c with k = w/σ̂, a = −k·B/(M·σ̂), c = −k·A/M − a·μ.
-            # Both rows [k·A/M, k·B/M] in one op: on CPU each op costs tens of µs
-            # of dispatch whatever its size, a layer's fixed cost at 7×7.
-            per_count = sums.view(2, channels) * (scale / count.to(mean.dtype).clamp(min=1))
-            coef_x = per_count[1].mul_(invstd).neg_()
-            const = torch.addcmul(per_count[0], coef_x, mean).neg_()
-            grad_x = kernels.affine_grad(grad_out, x, scale, coef_x, const)
-            if grad_x is None:  # the compiled single pass does not apply
-                grad_x = _affine_grad_eager(grad_out, x, scale, coef_x, const)
+            # w/σ̂·(g − A/M − x̂·B/M) = k·g + w'·x̂ + b' per channel, with k = w/σ̂,
+            # w' = −k·B/M, b' = −k·A/M: both rows in one op (on CPU each op costs
+            # tens of µs of dispatch whatever its size, a layer's fixed cost at 7×7).
+            bias_x, weight_x = (sums.view(2, channels)
+                                * (scale / count.to(mean.dtype).clamp(min=1))).neg_().unbind()
+            if kernels.affine_grad_applies(grad_out, x):
+                # The compiled pass takes k·g + a·x + c: a = w'/σ̂, c = b' − a·μ.
+                coef_x = weight_x * invstd
+                grad_x = kernels.affine_grad(grad_out, x, scale, coef_x,
+                                             torch.addcmul(bias_x, coef_x, mean, value=-1))
+            if grad_x is None:
+                grad_x = _affine_grad_eager(grad_out, x, scale, weight_x, bias_x, mean, var,
+                                            ctx.eps)
         grad_w = sum_gxhat.to(weight.dtype) if need_w and weight is not None else None
         grad_b = sum_g.to(weight.dtype if weight is not None else sum_g.dtype) if need_b else None
         return grad_x, grad_w, grad_b, None, None, None, None, None, None

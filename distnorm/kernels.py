@@ -41,8 +41,8 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["COMPILE_ENV", "MIN_NUMEL", "MIN_NUMEL_AFFINE", "SHORT_ROW", "affine_grad", "enabled",
-           "moment_sums"]
+__all__ = ["COMPILE_ENV", "MIN_NUMEL", "MIN_NUMEL_AFFINE", "SHORT_ROW", "affine_grad",
+           "affine_grad_applies", "enabled", "moment_sums"]
 
 COMPILE_ENV = "DISTNORM_COMPILE"
 # Below this many elements a compiled call's fixed cost (~50 µs: guards, wrapper)
@@ -172,18 +172,26 @@ def moment_sums(x: Tensor) -> Optional[Tensor]:
     return _run(_moment_sums, x3.dtype, x3)
 
 
+def affine_grad_applies(grad_out: Tensor, x: Tensor) -> bool:
+    """Whether :func:`affine_grad` has a compiled pass for these tensors (``grad_out``
+    with ``x``'s strides, enough elements, rows longer than :data:`SHORT_ROW`)."""
+    if not _applies(x, grad_out) or x.numel() < MIN_NUMEL_AFFINE:
+        return False
+    x3 = _canonical(x)
+    # Short rows: the native eval kernel + addcmul_ are faster.
+    return x3 is not None and _canonical(grad_out) is not None and not 1 < x3.shape[2] <= SHORT_ROW
+
+
 def affine_grad(grad_out: Tensor, x: Tensor, k: Tensor, a: Tensor, c: Tensor) -> Optional[Tensor]:
     """``k·grad_out + a·x + c`` with per-channel ``(C,)`` coefficients, in one pass.
 
     Computed in float32 and rounded once to ``x``'s dtype; same shape and memory
-    format as ``x``. ``None`` when the compiled kernel does not apply (``grad_out``
-    must also have ``x``'s strides).
+    format as ``x``. ``None`` when the compiled kernel does not apply (see
+    :func:`affine_grad_applies`) or could not be compiled.
     """
-    if not _applies(x, grad_out) or x.numel() < MIN_NUMEL_AFFINE:
+    if not affine_grad_applies(grad_out, x):
         return None
     x3, g3 = _canonical(x), _canonical(grad_out)
-    if x3 is None or g3 is None or 1 < x3.shape[2] <= SHORT_ROW:
-        return None  # short rows: the native eval kernel + addcmul_ are faster
     out = _run(_affine_grad, x3.dtype, g3, x3, k.float(), a.float(), c.float())
     if out is None:
         return None
