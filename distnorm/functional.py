@@ -59,7 +59,8 @@ class _BatchNormWithMoments(torch.autograd.Function):
     Backward (ALGORITHMS.md §1): with local A = Σg, B = Σg·x̂ all-reduced over the
     group and M the count the moments were taken over,
     ∂L/∂x = w/σ̂ · (g − A/M − x̂·B/M); ∂L/∂w = local Σg·x̂; ∂L/∂b = local Σg.
-    Saved for backward: x and five C-sized vectors (``nn.BatchNorm`` saves four).
+    Saved for backward: x, the weight, the mean, variance and invstd (C-sized) and
+    the count.
     """
 
     @staticmethod
