@@ -159,9 +159,7 @@ def expected_bytes(name: str, channels: int, world: int) -> dict[str, int] | Non
     """Bytes per rank per step from each implementation's code (float32 activations)."""
     from torch_sync_bn import torch_algo_bytes
 
-    if name == "local":
-        return {"forward": 0, "backward": 0}
-    if name == "distnorm_local":
+    if name in ("local", "distnorm_local"):
         return {"forward": 0, "backward": 0}
     if name == "distnorm_bare":  # the payloads alone; backward's in the activations' float32
         return {"forward": (2 * channels + 1) * 8, "backward": 2 * channels * 4}

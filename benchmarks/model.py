@@ -432,17 +432,21 @@ def build_results(world: int, outputs: Sequence[dict[str, Any]], methods: Sequen
     return row
 
 
-def bound_ratios(row: dict[str, Any]) -> dict[str, float]:
-    """Each synced method's step over the bound: local BN's step plus sync's floor.
+def bound_ms(row: dict[str, Any]) -> float:
+    """The bound: local BN's step plus sync's floor, ms.
 
-    The bound is what a synced step would take if its normalization computed as fast
-    as local BN and its collectives cost no more than alone, back to back; so
-    torch-algo / bound is the largest speed-up over torch's algorithm any
-    implementation of the one-all-reduce design could show on the machine at hand.
+    What a synced step would take if its normalization computed as fast as local BN
+    and its collectives cost no more than alone, back to back; so torch-algo / bound
+    is the largest speed-up over torch's algorithm any implementation of the
+    one-all-reduce design could show on the machine at hand.
     """
+    return row["methods"]["local"]["step_ms"] + row["methods"]["sync"]["floor"]["step_ms"]
+
+
+def bound_ratios(row: dict[str, Any]) -> dict[str, float]:
+    """Each synced method's step over :func:`bound_ms`."""
     methods = row["methods"]
-    bound = methods["local"]["step_ms"] + methods["sync"]["floor"]["step_ms"]
-    return {f"{name}/bound": methods[name]["step_ms"] / bound
+    return {f"{name}/bound": methods[name]["step_ms"] / bound_ms(row)
             for name in ("sync", "torch_algo", "fairscale") if name in methods}
 
 
@@ -488,8 +492,7 @@ def markdown(results: Sequence[dict[str, Any]], methods: Sequence[str], meta: di
                 parts.append(f"sync / {LABELS[other]} = **{q[f'sync/{other}']:.3f}** "
                              f"(CPU time {q[f'cpu sync/{other}']:.3f})")
         bound = bound_ratios(r)  # computed here too: reports rebuilt from older results
-        bound_ms = local["step_ms"] + sync["floor"]["step_ms"]
-        parts.append(f"bound = local BN + sync's floor = {bound_ms:.0f} ms: sync / bound = "
+        parts.append(f"bound = local BN + sync's floor = {bound_ms(r):.0f} ms: sync / bound = "
                      f"{bound['sync/bound']:.2f}" + (f", {LABELS['torch_algo']} / bound = "
                                                      f"{bound['torch_algo/bound']:.2f} (the largest "
                                                      "speed-up over it any one-all-reduce layer could "
@@ -533,9 +536,8 @@ def plot(results: Sequence[dict[str, Any]], methods: Sequence[str], meta: dict[s
         for bar, value, top in zip(bars, ms, hi):
             ax.annotate(f"{value:.0f}", (bar.get_x() + bar.get_width() / 2, value + top), ha="center",
                         va="bottom", fontsize=8, xytext=(0, 4), textcoords="offset points")
-        local = r["methods"]["local"]["step_ms"]
         floor = r["methods"]["sync"]["floor"]["step_ms"]
-        ax.axhline(local + floor, color="#1f77b4", ls="--", lw=1,
+        ax.axhline(bound_ms(r), color="#1f77b4", ls="--", lw=1,
                    label=f"local BN + sync's collective floor ({floor:.0f} ms)")
         ax.set_xticks(range(len(methods)), [LABELS[n] for n in methods], rotation=30, ha="right")
         ax.set_ylabel("ms per training step (median, IQR)")
