@@ -1,7 +1,7 @@
 """Schedules of a value over training steps, for ``BatchRenorm``'s ``r_max`` / ``d_max``.
 
 A schedule maps the layer's step (its ``num_batches_tracked`` before the current
-training forward, ALGORITHMS.md §2) to a value. The classes here accept the step
+training forward, docs/algorithms.md §2) to a value. The classes here accept the step
 as a Python number *or* as a 0-dim tensor: given the layer's step tensor they
 compute with torch ops on its device, so a training forward needs no host
 synchronisation (and compiles without a graph break). They also declare the range

@@ -1,4 +1,4 @@
-"""BatchRenorm against an independent float64 reference of ALGORITHMS.md §2.
+"""BatchRenorm against an independent float64 reference of docs/algorithms.md §2.
 
 The reference below is written from the formulas alone, with plain autograd ops:
 batch moments of the (concatenated) batch, r and d from the running statistics
@@ -30,7 +30,7 @@ def _value(bound: Any, step: int) -> float:
 
 
 class RefBRN:
-    """ALGORITHMS.md §2 in float64, state kept by hand."""
+    """docs/algorithms.md §2 in float64, state kept by hand."""
 
     def __init__(self, cfg: Dict[str, Any]) -> None:
         self.cfg = cfg

@@ -1,4 +1,4 @@
-"""CrossIterationBatchNorm (ALGORITHMS.md §4) against an independent float64 reference.
+"""CrossIterationBatchNorm (docs/algorithms.md §4) against an independent float64 reference.
 
 The reference below is written from the text of §4 with plain differentiable torch
 ops: the derivatives ∂μ/∂W, ∂ν/∂W (and ∂/∂b) come from ``torch.autograd.grad`` of the

@@ -1,4 +1,4 @@
-"""CrossMiniBatchNorm (CmBN, ALGORITHMS.md §3), local and synced over gloo.
+"""CrossMiniBatchNorm (CmBN, docs/algorithms.md §3), local and synced over gloo.
 
 The reference is written here from §3 with plain autograd ops in float64: at
 micro-batch j of a cycle the layer normalizes with the mean and biased variance of

@@ -42,7 +42,7 @@ peers' wait into a "connection closed" error instead of the fault under test. Th
 parent waits at most ``CASE_TIMEOUT_S``, SIGKILLs every rank in ``finally`` and
 checks that none is alive. Rows 5, 8, 9 and 10 break nothing and run on the shared
 ``world2`` pool. ``benchmarks/faults.py`` runs the same ``fault_*`` scenarios once and
-tabulates them (README, "Never hang: the fault matrix").
+tabulates them (docs/faults.md).
 """
 
 from __future__ import annotations
@@ -80,8 +80,8 @@ DETECTED_S = PG_TIMEOUT_S / 2
 SYNCED: List[str] = sorted(mode for mode, cls in distnorm.variants().items()
                            if issubclass(cls, BatchNormBase))
 #: Options under which a variant's *first* training step is exactly BatchNorm of the
-#: group batch (ALGORITHMS.md: BRN with r_max = 1, d_max = 0; CmBN with one micro-batch
-#: per cycle; CBN's window holds only the current iteration at its first step).
+#: group batch (docs/algorithms.md §2-§4: BRN with r_max = 1, d_max = 0; CmBN with one
+#: micro-batch per cycle; CBN's window holds only the current iteration at its first step).
 BN_EQUIVALENT: Dict[str, Dict[str, Any]] = {
     "sync": {}, "brn": {"r_max": 1.0, "d_max": 0.0}, "cmbn": {"accumulation_steps": 1}, "cbn": {},
 }

@@ -1,4 +1,4 @@
-"""FrozenBatchNorm and GroupNorm conversion (ALGORITHMS.md §5), single process.
+"""FrozenBatchNorm and GroupNorm conversion (docs/algorithms.md §5), single process.
 
 References are written here in float64 from the formulas:
 frozen y = x·s + b, s = γ/sqrt(running_var + eps), b = β − running_mean·s;

@@ -72,7 +72,7 @@ def test_moment_sums_are_the_float64_sums(layout, dtype, always_compiled):
 @pytest.mark.parametrize("mean,std", [(1e4, 1.0), (-1e3, 0.1), (1e2, 1e-3), (0.0, 1e-3)])
 @pytest.mark.parametrize("layout", ["NCHW", "NCHW-long-rows", "NCHW-channels_last", "NC"])
 def test_moments_stay_exact_when_the_mean_dwarfs_the_spread(mean, std, layout, always_compiled):
-    """ALGORITHMS.md, Precision: at |mean|/std up to 1e5, where raw float32 sums of x²
+    """docs/algorithms.md §0: at |mean|/std up to 1e5, where raw float32 sums of x²
     lose the variance entirely, the moments from the compiled sums are as accurate as
     nn.BatchNorm's own statistics (error <= 2 · nn.BatchNorm's + 2.5e-7, the
     convention of test_sync_parity), both against float64 on the same float32 values."""

@@ -534,7 +534,7 @@ def test_autocast_reduced_precision(low, world3):
 # ---------------------------------------------------------------------------------
 # float32 inputs of mean 1e3 / 1e4 and std ~1: the synced statistics and output must
 # be as accurate as nn.BatchNorm2d in float32 on the concatenated batch, both measured
-# against float64 on the same (float32) values (ALGORITHMS.md, Precision: summing raw
+# against float64 on the same (float32) values (docs/algorithms.md §0: summing raw
 # x² in float32 would be off by percents here). "As accurate" is checked as
 # error <= 2 · error(nn.BatchNorm2d) + tiny, tiny = 2.5e-7 relative (two float32 ulps:
 # the rounding of the stored result and of the float32 running update). momentum=None:

@@ -2,7 +2,7 @@
 
 BatchNorm with the statistics of the last k iterations, each compensated to the
 current weights of the layer that produces the BN's input by a first-order Taylor
-term (ALGORITHMS.md §4).
+term (docs/algorithms.md §4).
 
 How the producer is found. ``convert_model`` only sees the BatchNorm layers, and
 ``torch.fx`` cannot trace detection models, so the wiring is read from the autograd

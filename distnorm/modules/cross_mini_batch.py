@@ -3,7 +3,7 @@
 BatchNorm across the micro-batches of gradient accumulation: within a cycle of
 ``accumulation_steps`` micro-batches, micro-batch j is normalized with the moments
 of micro-batches 1..j together, so the last one of a cycle sees the statistics of
-the whole accumulated batch (ALGORITHMS.md §3).
+the whole accumulated batch (docs/algorithms.md §3).
 """
 
 from __future__ import annotations
