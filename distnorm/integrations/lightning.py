@@ -72,9 +72,10 @@ class DistnormSync(_LayerSync):  # type: ignore[misc, valid-type]
 
     ``apply`` runs :func:`distnorm.convert_model` on the LightningModule when
     ``Trainer.fit`` sets up a parallel strategy; ``revert`` runs
-    :func:`distnorm.revert_model` when ``fit`` ends (``"gn"``, ``"bin"`` and ``"switchable"`` are kept: BatchNorm
-    cannot hold GroupNorm's function nor the mixtures' learned parameters). Any mode and option of ``convert_model`` is accepted;
-    the mode and options are checked when the plugin is created, so a typo fails at
+    :func:`distnorm.revert_model` when ``fit`` ends (layers of ``"gn"``, ``"bin"``
+    and ``"switchable"`` are kept: BatchNorm cannot hold GroupNorm's function nor
+    the mixtures' learned parameters). Any mode and option of ``convert_model`` is
+    accepted; they are checked when the plugin is created, so a typo fails at
     ``Trainer(...)``, not after the processes have started.
 
     Do not combine it with ``Trainer(sync_batchnorm=True)``: that is a second,
