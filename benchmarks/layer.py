@@ -278,7 +278,7 @@ def distnorm_mode(mode: str | None) -> Iterator[None]:
     bare ``dist.all_reduce`` of the payload. ``"local"``: every checked collective is
     skipped (the buffer comes back as it went in), leaving distnorm's local math.
     """
-    from distnorm.distributed import checks
+    from distnorm.distributed import collectives
 
     if mode in (None, "eager"):
         with eager_kernels(mode == "eager"):
@@ -293,12 +293,12 @@ def distnorm_mode(mode: str | None) -> Iterator[None]:
     def skip(buffer: Any, *args: Any, **kwargs: Any) -> Any:
         return buffer
 
-    original = checks.checked_all_reduce
-    checks.checked_all_reduce = {"bare": bare, "local": skip}[mode]  # type: ignore[assignment]
+    original = collectives._guarded_all_reduce
+    collectives._guarded_all_reduce = {"bare": bare, "local": skip}[mode]  # type: ignore[assignment]
     try:
         yield
     finally:
-        checks.checked_all_reduce = original  # type: ignore[assignment]
+        collectives._guarded_all_reduce = original  # type: ignore[assignment]
 
 
 def _train_step(layer: Any, x: Any, dy: Any, mode: str | None = None) -> Callable[[Callable[[str], None]], None]:

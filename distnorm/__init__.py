@@ -1,10 +1,11 @@
 """distnorm: batch normalization for small per-GPU batches.
 
 Public API (see the README): the layers, ``convert_model`` / ``revert_model``,
-``reset_accumulation`` and ``distnorm.distributed.group_by``.
+``check_model``, ``reset_accumulation`` and ``distnorm.distributed.group_by``.
 """
 
 from . import distributed, errors, functional, schedules, stats
+from .check import check_model
 from .convert import convert_model, register_variant, revert_model, variants
 from .errors import NonFiniteError, SyncError
 from .modules import (
@@ -49,6 +50,7 @@ __all__ = [
     "SyncBatchNorm",
     "SyncError",
     "accumulation_steps_from",
+    "check_model",
     "convert_model",
     "distributed",
     "errors",

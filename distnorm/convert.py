@@ -136,6 +136,7 @@ def convert_model(module: nn.Module, mode: str = "sync", process_group: Optional
                          + ", ".join(repr(m) for m in sorted(_VARIANTS)))
     target, _ = _VARIANTS[mode]
     sources = _source_types()
+    made: Dict[int, str] = {}  # id(new layer) -> mode, recorded for check_model
 
     def swap(name: str, child: nn.Module) -> Optional[nn.Module]:
         fused = _is_norm_act(child)
@@ -150,11 +151,16 @@ def convert_model(module: nn.Module, mode: str = "sync", process_group: Optional
             raise TypeError(f"convert_model(mode={mode!r}): bad options {sorted(options)} "
                             f"for {target.__name__}: {error}") from error
         new._distnorm_name = name or type(child).__name__
+        made[id(new)] = mode
         if fused:
             _carry_norm_act(child, new)
         return new
 
-    return _replace(module, swap)
+    from .check import record_conversion
+
+    result = _replace(module, swap)
+    record_conversion(result, made)  # so that check_model can name layers swapped away later
+    return result
 
 
 def revert_model(module: nn.Module) -> nn.Module:
@@ -202,4 +208,8 @@ def revert_model(module: nn.Module) -> nn.Module:
                 bn._modules[extra] = child._modules[extra]
         return bn
 
-    return _replace(module, swap)
+    from .check import forget_conversion
+
+    result = _replace(module, swap)
+    forget_conversion(result)
+    return result

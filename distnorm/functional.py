@@ -1,12 +1,19 @@
-"""Stateless math shared by the layers: normalization given (group) moments, with
-its written-out backward, and the running-statistics update.
+"""The math shared by the layers: normalization given (group) moments, with its
+written-out backward, and the running-statistics update. Stateless: what a layer
+keeps between calls (its counters, its policy) arrives as a
+:class:`~distnorm.distributed.collectives.SyncContext`.
 
-The split follows ALGORITHMS.md §1: :func:`distnorm.stats.group_moments` reduces the
-forward moments (one all-reduce); :func:`batch_norm_with_moments` normalizes with
-them and, in backward, reduces ``[Σg, Σg·x̂]`` (one all-reduce) to form the input
-gradient of the group batch. Variants reuse both: Batch Renormalization passes
-``γ·r`` and ``γ·d + β`` as weight and bias, CmBN passes the moments of a whole
-accumulation cycle.
+The split follows docs/algorithms.md §1: :func:`distnorm.stats.group_moments`
+reduces the forward moments (one all-reduce); :func:`batch_norm_with_moments`
+normalizes with them and, in backward, reduces ``[Σg, Σg·x̂]`` (one all-reduce) to
+form the input gradient of the group batch. Variants reuse both: Batch
+Renormalization passes ``γ·r`` and ``γ·d + β`` as weight and bias, CmBN passes the
+moments of a whole accumulation cycle.
+
+Precision: whatever the parameters' dtype (a ``.half()`` model included), the
+statistics and the normalization are computed in float32 at least
+(:func:`distnorm.stats.stats_dtype`), as ``nn.BatchNorm``'s kernels do; only the
+output takes the input's dtype.
 """
 
 from __future__ import annotations
@@ -14,11 +21,11 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from . import kernels
-from .stats import Moments, all_reduce_sum, group_moments, stats_dtype
+from .distributed.collectives import SyncContext, all_reduce
+from .stats import Moments, group_moments, stats_dtype
 
 __all__ = ["batch_norm_with_moments", "group_moments_with_grad", "update_running_stats"]
 
@@ -28,11 +35,15 @@ def _channel_view(t: Tensor, x: Tensor) -> Tensor:
     return t.view((1, -1) + (1,) * (x.dim() - 2))
 
 
-def _backward_policy(layer: Optional[Any]) -> Optional[str]:
+def _backward_policy(context: Optional[SyncContext]) -> Optional[str]:
     """A rank left out of the forward statistics (``nonfinite="skip"``) stays out of
     their gradient; non-finite gradients never raise (AMP's loss scaler expects them
     and skips the step)."""
-    return "skip" if getattr(layer, "nonfinite", None) == "skip" else None
+    return "skip" if context is not None and context.nonfinite == "skip" else None
+
+
+def _cast(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    return None if t is None else t.to(dtype)
 
 
 def _affine_grad_eager(grad_out: Tensor, x: Tensor, k: Tensor, weight: Tensor, bias: Tensor,
@@ -52,11 +63,48 @@ def _affine_grad_eager(grad_out: Tensor, x: Tensor, k: Tensor, weight: Tensor, b
     return out.addcmul_(grad_out, _channel_view(k, x)).to(x.dtype)
 
 
+def _local_grad_sums(grad_out: Tensor, x: Tensor, mean: Tensor, invstd: Tensor,
+                     eps: float) -> Tensor:
+    """``[Σg, Σg·x̂]`` per channel of the local slice, in the statistics' dtype: one
+    native pass over ``g`` and ``x``."""
+    if x.is_cuda:  # its CUDA kernel (torch's SyncBatchNorm uses it too)
+        sum_g, sum_gxmu, _, _ = torch.batch_norm_backward_reduce(
+            grad_out, x, mean, invstd, None, True, False, False)
+        return kernels.fused(_pack_grad_sums, sum_g, sum_gxmu, invstd)
+    # On CPU: native_batch_norm_backward's grad_bias and grad_weight (with no weight)
+    _, sum_gxhat, sum_g = torch.ops.aten.native_batch_norm_backward(
+        grad_out, x, None, None, None, mean, invstd, True, eps, [False, True, True])
+    return torch.cat([sum_g.to(mean.dtype), sum_gxhat.to(mean.dtype)])
+
+
+def _pack_grad_sums(sum_g: Tensor, sum_gxmu: Tensor, invstd: Tensor) -> Tensor:
+    return torch.cat([sum_g, sum_gxmu * invstd]).to(invstd.dtype)
+
+
+def _input_grad_coefficients(sums: Tensor, weight: Optional[Tensor], invstd: Tensor,
+                             count: Tensor, mean: Tensor, fused_pass: bool
+                             ) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-channel ``(k, w', b')`` of ``∂L/∂x = k·g + w'·x̂ + b'`` from the group's
+    ``[A, B] = [Σg, Σg·x̂]``: ``k = w/σ̂``, ``w' = −k·B/M``, ``b' = −k·A/M``. For the
+    fused pass (``fused_pass``), ``(k, a, c)`` of ``k·g + a·x + c`` instead:
+    ``a = w'/σ̂``, ``c = b' − a·μ``."""
+    channels = invstd.numel()
+    scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
+    # Both rows in one op: on CPU each op costs tens of µs of dispatch whatever its
+    # size, a layer's fixed cost at 7×7.
+    bias_x, weight_x = (sums.view(2, channels).to(invstd.dtype)
+                        * (scale / count.to(invstd.dtype).clamp(min=1))).neg_().unbind()
+    if fused_pass:
+        coef_x = weight_x * invstd
+        return scale, coef_x, torch.addcmul(bias_x, coef_x, mean, value=-1)
+    return scale, weight_x, bias_x
+
+
 class _BatchNormWithMoments(torch.autograd.Function):
     """y = (x − μ)/sqrt(σ² + eps) · w + b, where (μ, σ²) are moments of a batch that
     contains x (over a process group and/or earlier micro-batches).
 
-    Backward (ALGORITHMS.md §1): with local A = Σg, B = Σg·x̂ all-reduced over the
+    Backward (docs/algorithms.md §1): with local A = Σg, B = Σg·x̂ all-reduced over the
     group and M the count the moments were taken over,
     ∂L/∂x = w/σ̂ · (g − A/M − x̂·B/M); ∂L/∂w = local Σg·x̂; ∂L/∂b = local Σg.
     Saved for backward: x, the weight, the mean, variance and invstd (C-sized) and
@@ -66,17 +114,19 @@ class _BatchNormWithMoments(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],  # type: ignore[override]
                 mean: Tensor, var: Tensor, count: Tensor, eps: float,
-                group: Optional[dist.ProcessGroup], layer: Optional[Any]) -> Tensor:
-        param_dtype = weight.dtype if weight is not None else mean.dtype
-        mean_p, var_p = mean.to(param_dtype), var.to(param_dtype)
+                group: Optional[Any], context: Optional[SyncContext]) -> Tensor:
+        dtype = stats_dtype(x)
+        mean, var = mean.to(dtype), var.to(dtype)
         # Eval-mode native kernel with the group moments as "running" statistics:
-        # one fused pass, any layout (channels_last is preserved), mixed precision.
-        y = torch.batch_norm(x, weight, bias, mean_p, var_p, False, 0.0, eps,
-                             torch.backends.cudnn.enabled)
-        var_s = var.to(stats_dtype(x))
-        invstd = torch.rsqrt(var_s + eps)
-        ctx.save_for_backward(x, weight, mean.to(stats_dtype(x)), var_s, invstd, count)
-        ctx.group, ctx.layer, ctx.eps = group, layer, eps
+        # one fused pass, any layout (channels_last is preserved). Parameters and
+        # statistics in float32 (float64 for float64 inputs) whatever their own
+        # dtype: the kernels' mixed-precision path for half inputs, and no
+        # variance above 65504 rounded to inf for a .half() model.
+        y = torch.batch_norm(x, _cast(weight, dtype), _cast(bias, dtype), mean, var, False,
+                             0.0, eps, torch.backends.cudnn.enabled)
+        invstd = torch.rsqrt(var + eps)
+        ctx.save_for_backward(x, weight, mean, var, invstd, count)
+        ctx.group, ctx.context, ctx.eps = group, context, eps
         return y
 
     @staticmethod
@@ -85,39 +135,31 @@ class _BatchNormWithMoments(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         channels = x.shape[1]
         if x.numel() == 0:  # a shape fact: this rank's slice is empty
-            sum_g = sum_gxhat = torch.zeros(channels, dtype=mean.dtype, device=x.device)
+            local = torch.zeros(2 * channels, dtype=mean.dtype, device=x.device)
         else:
-            # One fused native pass gives Σg (grad_bias) and Σg·x̂ (grad_weight).
-            _, sum_gxhat, sum_g = torch.ops.aten.native_batch_norm_backward(
-                grad_out, x, None, None, None, mean, invstd, True, ctx.eps, [False, True, True])
-            sum_g, sum_gxhat = sum_g.to(mean.dtype), sum_gxhat.to(mean.dtype)
+            local = _local_grad_sums(grad_out, x, mean, invstd, ctx.eps)
+        sum_g, sum_gxhat = local[:channels], local[channels:]
         grad_x = None
         if need_x:
-            sums = all_reduce_sum(torch.cat([sum_g, sum_gxhat]), ctx.group, layer=ctx.layer,
-                                  what="backward", nonfinite=_backward_policy(ctx.layer))
-            scale = invstd if weight is None else invstd * weight.to(mean.dtype)
-            # w/σ̂·(g − A/M − x̂·B/M) = k·g + w'·x̂ + b' per channel, with k = w/σ̂,
-            # w' = −k·B/M, b' = −k·A/M: both rows in one op (on CPU each op costs
-            # tens of µs of dispatch whatever its size, a layer's fixed cost at 7×7).
-            bias_x, weight_x = (sums.view(2, channels)
-                                * (scale / count.to(mean.dtype).clamp(min=1))).neg_().unbind()
-            if kernels.affine_grad_applies(grad_out, x):
-                # The compiled pass takes k·g + a·x + c: a = w'/σ̂, c = b' − a·μ.
-                coef_x = weight_x * invstd
-                grad_x = kernels.affine_grad(grad_out, x, scale, coef_x,
-                                             torch.addcmul(bias_x, coef_x, mean, value=-1))
+            # The unguarded all-reduce works in place; `local` still feeds grad_w/grad_b.
+            payload = local if ctx.context is not None else local.clone()
+            sums = all_reduce(payload, ctx.group, ctx.context, "backward",
+                              _backward_policy(ctx.context))
+            fused_pass = kernels.affine_grad_applies(grad_out, x)
+            k, a, c = kernels.fused(_input_grad_coefficients, sums, weight, invstd, count,
+                                    mean, fused_pass)
+            if fused_pass:
+                grad_x = kernels.affine_grad(grad_out, x, k, a, c)
             if grad_x is None:
-                grad_x = _affine_grad_eager(grad_out, x, scale, weight_x, bias_x, mean, var,
-                                            ctx.eps)
+                grad_x = _affine_grad_eager(grad_out, x, k, a, c, mean, var, ctx.eps)
         grad_w = sum_gxhat.to(weight.dtype) if need_w and weight is not None else None
         grad_b = sum_g.to(weight.dtype if weight is not None else sum_g.dtype) if need_b else None
         return grad_x, grad_w, grad_b, None, None, None, None, None, None
 
 
 def batch_norm_with_moments(x: Tensor, moments: Moments, weight: Optional[Tensor],
-                            bias: Optional[Tensor], eps: float,
-                            group: Optional[dist.ProcessGroup], *,
-                            layer: Optional[Any] = None) -> Tensor:
+                            bias: Optional[Tensor], eps: float, group: Optional[Any], *,
+                            context: Optional[SyncContext] = None) -> Tensor:
     """Normalize ``x`` with moments of a batch that contains it; differentiable.
 
     Args:
@@ -129,14 +171,14 @@ def batch_norm_with_moments(x: Tensor, moments: Moments, weight: Optional[Tensor
         eps: added to the variance.
         group: the group the moments were reduced over (``None``: local); backward
             reduces ``[Σg, Σg·x̂]`` over it with one all-reduce.
-        layer: the calling layer, for the checks and messages of that all-reduce
-            (see :func:`distnorm.stats.all_reduce_sum`).
+        context: the calling layer's sync context, for the guards and messages of
+            that all-reduce (see :func:`distnorm.distributed.collectives.all_reduce`).
 
     Returns:
         ``y``, same shape, dtype and memory format as ``x``.
     """
     return _BatchNormWithMoments.apply(x, weight, bias, moments.mean, moments.var,
-                                       moments.count, eps, group, layer)
+                                       moments.count, eps, group, context)
 
 
 class _GroupMomentsWithGrad(torch.autograd.Function):
@@ -149,11 +191,11 @@ class _GroupMomentsWithGrad(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, group: Optional[dist.ProcessGroup],  # type: ignore[override]
-                layer: Optional[Any]):
-        moments = group_moments(x, group, layer=layer)
+    def forward(ctx, x: Tensor, group: Optional[Any],  # type: ignore[override]
+                context: Optional[SyncContext]):
+        moments = group_moments(x, group, context=context)
         ctx.save_for_backward(x, moments.mean, moments.count)
-        ctx.group, ctx.layer = group, layer
+        ctx.group, ctx.context = group, context
         ctx.mark_non_differentiable(moments.count)
         return moments.mean, moments.var, moments.count
 
@@ -161,9 +203,8 @@ class _GroupMomentsWithGrad(torch.autograd.Function):
     def backward(ctx, grad_mean: Tensor, grad_var: Tensor, _grad_count: Any):  # type: ignore[override]
         x, mean, count = ctx.saved_tensors
         channels = x.shape[1]
-        sums = all_reduce_sum(torch.cat([grad_mean, grad_var]).to(mean.dtype), ctx.group,
-                              layer=ctx.layer, what="backward",
-                              nonfinite=_backward_policy(ctx.layer))
+        sums = all_reduce(torch.cat([grad_mean, grad_var]).to(mean.dtype), ctx.group,
+                          ctx.context, "backward", _backward_policy(ctx.context))
         m = count.to(mean.dtype).clamp(min=1)
         g_mean = _channel_view(sums[:channels] / m, x)
         g_var = _channel_view(sums[channels:] * (2 / m), x)
@@ -171,15 +212,15 @@ class _GroupMomentsWithGrad(torch.autograd.Function):
         return grad_x.to(x.dtype), None, None
 
 
-def group_moments_with_grad(x: Tensor, group: Optional[dist.ProcessGroup],
-                            layer: Optional[Any] = None) -> Moments:
+def group_moments_with_grad(x: Tensor, group: Optional[Any],
+                            context: Optional[SyncContext] = None) -> Moments:
     """:func:`distnorm.stats.group_moments` with autograd through the mean and
     variance, for layers that mix the group statistics into others (SwitchableNorm).
 
     Returns:
         :class:`~distnorm.stats.Moments`; ``mean`` and ``var`` carry gradients.
     """
-    return Moments(*_GroupMomentsWithGrad.apply(x, group, layer))
+    return Moments(*_GroupMomentsWithGrad.apply(x, group, context))
 
 
 def update_running_stats(running_mean: Tensor, running_var: Tensor,
@@ -191,18 +232,32 @@ def update_running_stats(running_mean: Tensor, running_var: Tensor,
     average ``1/num_batches_tracked`` when ``momentum`` is ``None``; the variance
     tracked is unbiased. When ``moments.count == 0`` (empty batch over the whole
     group) nothing changes, ``num_batches_tracked`` included — decided on the
-    device, without a host synchronisation.
+    device, without a host synchronisation. Half-precision buffers are updated in
+    float32 and rounded once, as ``nn.BatchNorm``'s kernels do.
     """
+    if momentum is None and num_batches_tracked is None:
+        raise ValueError("momentum=None (a cumulative average) needs num_batches_tracked")
     with torch.no_grad():
-        has_data = moments.count > 0
-        if num_batches_tracked is not None:
-            num_batches_tracked.add_(has_data)
-        if momentum is None:
-            assert num_batches_tracked is not None, "momentum=None needs num_batches_tracked"
-            factor = has_data / num_batches_tracked.clamp(min=1).to(torch.float64)
-            factor = factor.to(running_mean.dtype)
-        else:  # 1·momentum rounds to the buffers' dtype exactly as momentum does
-            factor = has_data.to(running_mean.dtype) * momentum
-        running_mean.lerp_(moments.mean.to(running_mean.dtype), factor)
-        running_var.lerp_(moments.unbiased_var().to(running_var.dtype), factor)
+        kernels.fused(_update_running_stats, running_mean, running_var, num_batches_tracked,
+                      moments.count, moments.mean, moments.var, momentum)
 
+
+def _update_running_stats(running_mean: Tensor, running_var: Tensor,
+                          num_batches_tracked: Optional[Tensor], count: Tensor, mean: Tensor,
+                          var: Tensor, momentum: Optional[float]) -> None:
+    has_data = count > 0
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(has_data)
+    dtype = running_mean.dtype if running_mean.dtype in (torch.float32, torch.float64) \
+        else torch.float32
+    if momentum is None:
+        assert num_batches_tracked is not None
+        factor = (has_data / num_batches_tracked.clamp(min=1).to(torch.float64)).to(dtype)
+    else:  # 1·momentum rounds to the update's dtype exactly as momentum does
+        factor = has_data.to(dtype) * momentum
+    unbiased = var * (count / (count - 1).clamp(min=1))
+    for running, stat in ((running_mean, mean), (running_var, unbiased)):
+        if running.dtype == dtype:
+            running.lerp_(stat.to(dtype), factor)
+        else:
+            running.copy_(running.to(dtype).lerp_(stat.to(dtype), factor))

@@ -1,12 +1,13 @@
 """The one core: per-channel moments of a batch and their reduction across ranks.
 
-Every synced layer of distnorm computes its statistics here and sends every
-collective through :func:`all_reduce_sum`. The rules (ALGORITHMS.md §1):
+Every synced layer of distnorm computes its statistics here; the collective that
+combines them across ranks, and its guards, live in
+:mod:`distnorm.distributed.collectives`. The rules (docs/algorithms.md §0, §1):
 
 * Local moments are exact: the mean to float64 precision, the variance centred —
-  on CPU one compiled pass of sums shifted by a sample of each channel and
-  accumulated in float64 (:mod:`distnorm.kernels`), elsewhere a residual two-pass
-  (accumulated in float32 at least).
+  one compiled pass of sums shifted by a sample of each channel and accumulated in
+  float64 (:mod:`distnorm.kernels`: on CPU above a size, on CUDA always), else a
+  residual two-pass (accumulated in float32 at least).
 * Across ranks they travel as count-weighted *sums* in float64,
   ``[m, m·μ, M2 + m·μ²]`` (2C + 1 numbers), so that a batch whose mean is 1e4
   standard deviations away from zero keeps its variance: the cancellation
@@ -22,15 +23,13 @@ from __future__ import annotations
 from typing import Any, NamedTuple, Optional
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from . import kernels
-from .distributed import checks
+from .distributed.collectives import SyncContext, all_reduce
 
 __all__ = [
     "Moments",
-    "all_reduce_sum",
     "group_moments",
     "group_sums",
     "local_moments",
@@ -73,7 +72,7 @@ def stats_dtype(x: Tensor) -> torch.dtype:
 def local_moments(x: Tensor) -> tuple[int, Tensor, Tensor]:
     """Count, mean and biased variance of each channel of an ``(N, C, *)`` tensor.
 
-    Exact local moments (ALGORITHMS.md, Precision): the mean is known to float64
+    Exact local moments (docs/algorithms.md §0): the mean is known to float64
     precision and the variance is centred (two-pass), so that a batch whose mean is
     1e4 standard deviations from zero keeps its variance once ranks are combined.
     Eager ops; :func:`moment_sums` uses one compiled pass instead where it applies.
@@ -141,7 +140,7 @@ def moment_sums(x: Tensor) -> Tensor:
     :func:`moments_from_sums` turns them back into moments.
     """
     fused = kernels.moment_sums(x)
-    if fused is not None:  # one compiled pass on CPU (see distnorm.kernels)
+    if fused is not None:  # one compiled pass (see distnorm.kernels)
         return fused
     count, mean, var = local_moments(x)
     # The count is derived from a tensor of this call, never a Python constant:
@@ -157,47 +156,19 @@ def moments_from_sums(sums: Tensor, dtype: torch.dtype = torch.float32) -> Momen
     The subtraction ``Q/M − μ²`` is done in float64; ``count == 0`` (an empty batch
     over the whole group) gives zero mean and variance, decided on the device.
     """
+    return Moments(*kernels.fused(_unpack, sums, dtype))
+
+
+def _unpack(sums: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
     channels = (sums.numel() - 1) // 2
     count = sums[0]
     safe = count.clamp(min=1)
     mean = sums[1:1 + channels] / safe
     var = (sums[1 + channels:] / safe - mean * mean).clamp_(min=0)
-    return Moments(count, mean.to(dtype), var.to(dtype))
+    return count, mean.to(dtype), var.to(dtype)
 
 
-def all_reduce_sum(buffer: Tensor, group: Optional[dist.ProcessGroup], *,
-                   layer: Optional[Any] = None, what: str = "forward",
-                   nonfinite: Optional[str] = None) -> Tensor:
-    """Sum ``buffer`` over ``group`` (``None``: no-op) and return the result.
-
-    The buffer is consumed: eagerly it is reduced in place by one
-    ``dist.all_reduce`` (callers pack a fresh buffer); under ``torch.compile`` a
-    functional collective returns a new tensor and traces into the graph (torch's
-    own SyncBatchNorm graph-breaks here).
-
-    With ``layer`` given (eager mode), the call is checked so that ranks that
-    disagree fail with a :class:`~distnorm.errors.SyncError` naming the layer
-    instead of hanging or aborting (see :mod:`distnorm.distributed.checks`): a
-    fixed-size header on the first call of each layer and direction (every call
-    when ``DISTNORM_DEBUG=1``), and a layer tag and call counter folded into the
-    payload of every call. ``what`` names the direction (``"forward"``,
-    ``"backward"``). ``nonfinite`` (``"raise"`` or ``"skip"``): a rank whose buffer
-    is not finite contributes zeros; with ``"raise"`` every rank raises
-    :class:`~distnorm.errors.NonFiniteError` naming the ranks.
-    """
-    if group is None:
-        return buffer
-    if torch.compiler.is_compiling():
-        import torch.distributed._functional_collectives as funcol
-
-        return funcol.wait_tensor(funcol.all_reduce(buffer, "sum", group))
-    if layer is None:
-        dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=group)
-        return buffer
-    return checks.checked_all_reduce(buffer, group, layer, what, nonfinite)
-
-
-def group_sums(x: Tensor, group: Optional[dist.ProcessGroup], *, layer: Optional[Any] = None,
+def group_sums(x: Tensor, group: Optional[Any], *, context: Optional[SyncContext] = None,
                extra: Optional[Tensor] = None) -> Tensor:
     """:func:`moment_sums` of ``x`` summed over ``group``: one all-reduce, no autograd.
 
@@ -207,10 +178,11 @@ def group_sums(x: Tensor, group: Optional[dist.ProcessGroup], *, layer: Optional
     Args:
         x: ``(N, C, *)`` local slice.
         group: process group, or ``None`` (local).
-        layer: the calling layer, for checks and messages (see :func:`all_reduce_sum`).
-            Its ``nonfinite`` policy applies: a rank whose sums are not finite
-            contributes zeros, and with ``"raise"`` (the default) every rank raises
-            :class:`~distnorm.errors.NonFiniteError` naming the layer and ranks.
+        context: the calling layer's
+            :class:`~distnorm.distributed.collectives.SyncContext`, for the guards and
+            messages of the all-reduce. Its ``nonfinite`` policy applies: a rank whose
+            sums are not finite contributes zeros, and with ``"raise"`` every rank
+            raises :class:`~distnorm.errors.NonFiniteError` naming the layer and ranks.
         extra: a float64 vector reduced in the same all-reduce (CBN's compensation
             terms), appended after the ``2C + 1`` moment sums in the result.
 
@@ -221,23 +193,23 @@ def group_sums(x: Tensor, group: Optional[dist.ProcessGroup], *, layer: Optional
         sums = moment_sums(x)
         if extra is not None:
             sums = torch.cat([sums, extra.to(torch.float64).flatten()])
-        return all_reduce_sum(sums, group, layer=layer,
-                              nonfinite=getattr(layer, "nonfinite", None))
+        return all_reduce(sums, group, context, "forward",
+                          context.nonfinite if context is not None else None)
 
 
-def group_moments(x: Tensor, group: Optional[dist.ProcessGroup], *,
-                  layer: Optional[Any] = None) -> Moments:
+def group_moments(x: Tensor, group: Optional[Any], *,
+                  context: Optional[SyncContext] = None) -> Moments:
     """Moments of the concatenation of every rank's ``x`` in ``group``: one all-reduce.
 
     Args:
         x: ``(N, C, *)`` local slice; ``N`` may differ across ranks, and be 0.
         group: the process group, or ``None`` for the local batch alone.
-        layer: the calling layer, for checks and messages (see :func:`group_sums`).
+        context: the calling layer's sync context, for the guards and messages of the
+            all-reduce (see :func:`group_sums`).
 
     Returns:
         :class:`Moments` in :func:`stats_dtype` of ``x`` (count in float64). The result
         carries no autograd history: the gradient through the moments is written
         out by :func:`distnorm.functional.batch_norm_with_moments`.
     """
-    return moments_from_sums(group_sums(x, group, layer=layer), stats_dtype(x))
-
+    return moments_from_sums(group_sums(x, group, context=context), stats_dtype(x))

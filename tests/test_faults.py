@@ -666,32 +666,43 @@ def _pool_run(pool: Any, fn: Callable[..., Any], *args: Any) -> List[Any]:
 
 # -- row 7, both branches of the check ----------------------------------------------------
 def _w_nonfinite_branch(rank: int, world: int, on_host: bool, policy: str) -> Dict[str, Any]:
-    """One checked all-reduce with a NaN on rank 1, the non-finite check forced onto the
-    host branch (CPU) or the device branch (what CUDA runs: masks, no host read)."""
-    from distnorm.distributed import checks
+    """Checked all-reduces with a NaN on rank 1 in the first, the non-finite check
+    forced onto the host branch (CPU: decided and raised at once) or the device
+    branch (what CUDA runs: masks, no host read; raised at the layer's next call)."""
+    from distnorm.distributed import collectives
 
-    layer = distnorm.SyncBatchNorm(3)
-    buffer = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64) * (rank + 1)
-    if rank == 1:
-        buffer[1] = math.nan
-    saved = checks._on_host
-    checks._on_host = lambda tensor: on_host
+    context = distnorm.SyncBatchNorm(3)._sync_context()
+    out: Dict[str, Any] = {}
+    saved = collectives._on_host
+    collectives._on_host = lambda tensor: on_host
     try:
-        return {"sum": checks.checked_all_reduce(buffer, dist.group.WORLD, layer, "forward", policy)}
+        for call in range(2):
+            buffer = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64) * (rank + 1)
+            if rank == 1 and call == 0:
+                buffer[1] = math.nan
+            out[f"sum{call}"] = collectives.all_reduce(buffer, dist.group.WORLD, context,
+                                                       "forward", policy)
     except NonFiniteError as error:
-        return {"error": str(error)}
+        out["error"], out["raised_at"] = str(error), call
     finally:
-        checks._on_host = saved
+        collectives._on_host = saved
+    return out
 
 
 @pytest.mark.parametrize("on_host", [True, False], ids=["host", "device"])
 def test_row7_both_branches_of_the_nonfinite_check(on_host, world2):
     skipped = _pool_run(world2, _w_nonfinite_branch, on_host, "skip")
     for out in skipped:  # rank 1 contributed zeros: the sum is rank 0's buffer
-        torch.testing.assert_close(out["sum"], torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64))
+        torch.testing.assert_close(out["sum0"], torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64))
+        torch.testing.assert_close(out["sum1"], torch.tensor([3.0, 6.0, 9.0], dtype=torch.float64))
+        assert "error" not in out
     raised = _pool_run(world2, _w_nonfinite_branch, on_host, "raise")
-    for out in raised:  # every rank raises, naming rank 1 only
+    for out in raised:  # every rank raises, naming rank 1 only: at once, or one call later
         assert "rank(s) [1]" in out["error"], out
+        assert out["raised_at"] == (0 if on_host else 1), out
+        if not on_host:  # the bad rank was left out of the first call's sum
+            torch.testing.assert_close(out["sum0"],
+                                       torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64))
 
 
 # -- row 5: empty batches -----------------------------------------------------------------

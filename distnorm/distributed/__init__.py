@@ -6,28 +6,126 @@ Layers resolve their group in ``forward`` (models are usually built before
 
 from __future__ import annotations
 
-from typing import Optional
+import os
+import warnings
+from typing import Any, Mapping, Optional, Tuple
 
 import torch.distributed as dist
 
+from ..errors import layer_name
+from .launch import init_from_env
+
 ProcessGroup = dist.ProcessGroup if dist.is_available() else object
 
-__all__ = ["group_by", "resolve_group", "world_size"]
+__all__ = ["NoProcessGroupWarning", "group_by", "init_from_env", "launcher_world_size",
+           "resolve_group", "world_size"]
+
+# The variables launchers set to tell a process how many processes the job has, in
+# the order they are read: torchrun / accelerate / deepspeed / any env:// launcher,
+# an srun step (SLURM_STEP_NUM_TASKS is set for the tasks of a step, not for the batch
+# script itself, which is one process whatever --ntasks says), Open MPI, MPICH / PMI.
+_LAUNCHER_SIZES = ("WORLD_SIZE", "SLURM_STEP_NUM_TASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
 
 
-def resolve_group(process_group: Optional["ProcessGroup"] = None) -> Optional["ProcessGroup"]:
+class NoProcessGroupWarning(UserWarning):
+    """A launcher started several processes, but this one has no process group: its
+    synced layers normalize over its own batch only (local BatchNorm)."""
+
+
+# Whether this process was told already (one warning per process, not per layer or step).
+_warned_no_group = False
+
+
+def launcher_world_size(environ: Optional[Mapping[str, str]] = None) -> Optional[Tuple[str, int]]:
+    """``(variable, size)`` when a launcher's variables say this job runs more than one
+    process, else ``None``.
+
+    Reads ``WORLD_SIZE`` (torchrun, accelerate, deepspeed), ``SLURM_STEP_NUM_TASKS``
+    (the tasks of an ``srun`` step, with ``SLURM_PROCID``), ``OMPI_COMM_WORLD_SIZE``
+    (Open MPI) and ``PMI_SIZE`` (MPICH, Intel MPI), in that order; the first one set
+    decides.
+    """
+    env = os.environ if environ is None else environ
+    for name in _LAUNCHER_SIZES:
+        raw = env.get(name, "")
+        if not raw:
+            continue
+        if name == "SLURM_STEP_NUM_TASKS" and not env.get("SLURM_PROCID"):
+            continue
+        try:
+            size = int(raw)
+        except ValueError:
+            continue
+        return (name, size) if size > 1 else None
+    return None
+
+
+def _owner_name(owner: Any) -> str:
+    if owner is None:
+        return "a distnorm synced layer"
+    return owner if isinstance(owner, str) else layer_name(owner)
+
+
+def _warn_no_group(owner: Any) -> None:
+    global _warned_no_group
+    if _warned_no_group:
+        return
+    found = launcher_world_size()
+    if found is None:
+        return
+    _warned_no_group = True
+    name, size = found
+    warnings.warn(
+        f"{_owner_name(owner)}: {name}={size} says this job runs {size} processes, but torch.distributed "
+        "has no process group in this one, so its synced layers normalize over this "
+        "process's batch only (local BatchNorm). Call torch.distributed.init_process_group() "
+        "or distnorm.distributed.init_from_env() before the model's first forward "
+        "(warned once per process).", NoProcessGroupWarning, stacklevel=3)
+
+
+def resolve_group(process_group: Optional["ProcessGroup"] = None,
+                  owner: Any = None) -> Optional["ProcessGroup"]:
     """The group a synced layer reduces over, or ``None`` when it should run locally.
 
     ``None`` is returned when torch.distributed is unavailable or not initialized, or
     when the group holds a single rank: a synced layer then behaves exactly like its
-    local counterpart and makes no collective call.
+    local counterpart and makes no collective call. When no process group exists but
+    a launcher's variables say the job has several processes (see
+    :func:`launcher_world_size`), a :class:`NoProcessGroupWarning` says so, once per
+    process.
+
+    Args:
+        process_group: the layer's group (``None``: the world).
+        owner: the layer asking, or its name, for messages (a layer is named by
+            :func:`distnorm.errors.layer_name` only when a message is written).
+
+    Raises:
+        ValueError: this rank is not a member of ``process_group`` (a group made by
+            ``torch.distributed.new_group`` on other ranks): the layer would
+            otherwise run as local BatchNorm on this rank without a word.
     """
     if not (dist.is_available() and dist.is_initialized()):
+        _warn_no_group(owner)
         return None
     group = process_group if process_group is not None else dist.group.WORLD
-    if dist.get_world_size(group) <= 1:
+    size = dist.get_world_size(group)
+    if size < 0:
+        raise ValueError(_not_a_member(group, owner))
+    if size <= 1:
         return None
     return group
+
+
+def _not_a_member(group: Any, owner: Any) -> str:
+    try:
+        ranks = f"ranks {dist.get_process_group_ranks(group)}"
+    except Exception:  # noqa: BLE001 - torch's placeholder for non-members has no ranks
+        ranks = "other ranks"
+    return (f"{_owner_name(owner)}: rank {dist.get_rank()} is not a member of "
+            f"the layer's process_group (a group of {ranks}), so it cannot synchronize with it. "
+            "Run the layer only on the ranks of its group, or give every rank a group it "
+            "belongs to, e.g. distnorm.distributed.group_by(size) or "
+            "torch.distributed.new_subgroups().")
 
 
 def world_size(process_group: Optional["ProcessGroup"] = None) -> int:

@@ -12,17 +12,18 @@ import copy
 import itertools
 from typing import Any, Callable, Dict, Optional, Tuple
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..distributed import resolve_group
-from ..distributed.checks import NONFINITE_POLICIES
+from ..distributed.collectives import NONFINITE_POLICIES, SyncContext
 from ..errors import layer_name
 from ..functional import batch_norm_with_moments, update_running_stats
 from ..stats import Moments, group_moments
 
-__all__ = ["BatchNormBase", "check_input", "layer_name"]
+__all__ = ["BatchNormBase", "check_dtype", "check_input", "layer_name"]
 
 _CREATED = itertools.count()
 
@@ -35,6 +36,20 @@ def check_input(layer: nn.Module, x: Tensor, num_features: int) -> None:
     if x.shape[1] != num_features:
         raise ValueError(f"{layer_name(layer)}: expected {num_features} channels in dim 1 "
                          f"(got input of shape {tuple(x.shape)})")
+
+
+def check_dtype(layer: nn.Module, x: Tensor, param: Optional[Tensor]) -> None:
+    """Raise a ``TypeError`` naming ``layer`` if ``x``'s dtype cannot meet its
+    parameters' — before any collective, so that no peer uses a batch this rank
+    then fails on. Accepted as ``nn.BatchNorm`` accepts them: the same dtype, or a
+    float16/bfloat16 input with float32 parameters (autocast)."""
+    if param is None or x.dtype == param.dtype:
+        return
+    if x.dtype in (torch.float16, torch.bfloat16) and param.dtype == torch.float32:
+        return
+    raise TypeError(f"{layer_name(layer)}: input of dtype {x.dtype} cannot be normalized with "
+                    f"parameters of dtype {param.dtype}; cast the input (or the model, e.g. "
+                    f"model.to({x.dtype})) so that they match, or use torch.autocast")
 
 
 class BatchNormBase(_BatchNorm):
@@ -54,6 +69,14 @@ class BatchNormBase(_BatchNorm):
     # 0's (broadcast_buffers) and the state_dict stays nn.BatchNorm's. _apply moves
     # them with the module and keeps their dtype: float64 sums survive model.half().
     _rank_state: Tuple[str, ...] = ()
+
+    def __prepare_scriptable__(self) -> "BatchNormBase":
+        # torch.jit.script calls this on every submodule before compiling anything:
+        # refuse in words (the forward's collectives and checks are Python).
+        raise RuntimeError(f"{layer_name(self)}: distnorm layers cannot be compiled by "
+                           "torch.jit.script; call distnorm.revert_model(model) first (plain "
+                           "nn.BatchNorm layers with the same weights and statistics), or use "
+                           "torch.compile")
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
                  affine: bool = True, track_running_stats: bool = True,
@@ -82,11 +105,12 @@ class BatchNormBase(_BatchNorm):
     # -- torch hooks ---------------------------------------------------------------
     def _check_input_dim(self, input: Tensor) -> None:
         check_input(self, input, self.num_features)
+        check_dtype(self, input, self.weight if self.weight is not None else self.running_mean)
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
         if self.training:
-            return self._train_forward(input, resolve_group(self.process_group))
+            return self._train_forward(input, resolve_group(self.process_group, self))
         if self.running_mean is not None:
             # Eval: running statistics, no collective call.
             return F.batch_norm(input, self.running_mean, self.running_var, self.weight,
@@ -107,10 +131,28 @@ class BatchNormBase(_BatchNorm):
         exactly ``nn.BatchNorm`` (torch's own kernels) when ``group`` is None."""
         if group is None:
             return _BatchNorm.forward(self, input)
-        moments = group_moments(input, group, layer=self)
+        context = self._sync_context()
+        moments = group_moments(input, group, context=context)
         self._update_running_stats(moments)
         return batch_norm_with_moments(input, moments, self.weight, self.bias, self.eps, group,
-                                       layer=self)
+                                       context=context)
+
+    def _sync_context(self) -> SyncContext:
+        """This layer's :class:`~distnorm.distributed.collectives.SyncContext`, refreshed
+        with its current name, policy and mode (kept out of the state_dict; it pickles
+        without the checks in flight)."""
+        context = self.__dict__.get("_sync")
+        if context is None:
+            context = self.__dict__["_sync"] = SyncContext()
+        name = getattr(self, "_distnorm_name", None)
+        # What tells layers apart across ranks: the qualified name convert_model
+        # recorded, else the creation index (models are built the same way on every
+        # rank, so the n-th layer built is the same layer everywhere).
+        context.identity = f"{type(self).__name__} {name}" if name else f"#{self._distnorm_index}"
+        context.name = layer_name(self)
+        context.nonfinite = self.nonfinite
+        context.training = self.training
+        return context
 
     def _update_running_stats(self, moments: Moments) -> None:
         if self._tracks():

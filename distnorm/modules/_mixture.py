@@ -64,7 +64,7 @@ class MixtureBase(BatchNormBase):
         self._check_input_dim(input)
         self._before_forward()
         if self.training:
-            return self._train_forward(input, resolve_group(self.process_group))
+            return self._train_forward(input, resolve_group(self.process_group, self))
         # Eval: running statistics, no collective; without them, the local batch's
         # (as nn.BatchNorm and torch's SyncBatchNorm do).
         return self._mix(input, None, batch_stats=self.running_mean is None)

@@ -102,10 +102,10 @@ class BatchInstanceNorm(MixtureBase):
 
     def _mix(self, input: Tensor, group: Optional[Any], batch_stats: bool) -> Tensor:
         if batch_stats:
-            moments = group_moments(input, group, layer=self)
+            moments = group_moments(input, group, context=self._sync_context())
             self._update_running_stats(moments)
             x_bn = batch_norm_with_moments(input, moments, None, None, self.eps, group,
-                                           layer=self)
+                                           context=self._sync_context())
         else:
             x_bn = F.batch_norm(input, self.running_mean, self.running_var, None, None,
                                 False, 0.0, self.eps)

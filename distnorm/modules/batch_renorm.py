@@ -206,11 +206,11 @@ class BatchRenorm(BatchNormBase):
 
     # -- training ------------------------------------------------------------------
     def _train_forward(self, input: Tensor, group: Optional[Any]) -> Tensor:
-        moments = group_moments(input, group, layer=self)
+        moments = group_moments(input, group, context=self._sync_context())
         if not self._tracks():
             # No moving statistics to renormalize towards: r = 1, d = 0 (BatchNorm).
             return batch_norm_with_moments(input, moments, self.weight, self.bias, self.eps,
-                                           group, layer=self)
+                                           group, context=self._sync_context())
         r, d = self._renorm_factors(moments)  # from the running stats before the update
         self._update_running_stats(moments)
         if self.weight is not None:
@@ -221,7 +221,7 @@ class BatchRenorm(BatchNormBase):
             bias = torch.addcmul(self.bias, self.weight, d.to(self.weight.dtype))
         else:
             weight, bias = r, d
-        return batch_norm_with_moments(input, moments, weight, bias, self.eps, group, layer=self)
+        return batch_norm_with_moments(input, moments, weight, bias, self.eps, group, context=self._sync_context())
 
     def _renorm_factors(self, moments: Moments) -> Tuple[Tensor, Tensor]:
         """``(r, d)`` for this step, detached, on the device; updates the clip counters."""

@@ -460,7 +460,7 @@ class CrossIterationBatchNorm(BatchNormBase):
         else:
             local = torch.zeros(2, slots, channels, dtype=torch.float64, device=input.device)
         # The current moments and every past compensation: one all-reduce.
-        buffer = group_sums(input, group, layer=self, extra=local)
+        buffer = group_sums(input, group, context=self._sync_context(), extra=local)
         sums, reduced = buffer[:2 * channels + 1], buffer[2 * channels + 1:].view(2, slots, channels)
 
         current = moments_from_sums(sums, torch.float64)
@@ -491,7 +491,7 @@ class CrossIterationBatchNorm(BatchNormBase):
         window_moments = Moments(current.count * k_eff, mean_w.to(dtype), var_w.to(dtype))
         with torch.enable_grad():  # batch_norm_with_moments (k'·M as the count)
             output = batch_norm_with_moments(input, window_moments, self.weight, self.bias,
-                                             self.eps, group, layer=self)
+                                             self.eps, group, context=self._sync_context())
         return output, current, sq_t
 
     @staticmethod

@@ -156,12 +156,12 @@ class CrossMiniBatchNorm(BatchNormBase):
         self._cycle_sums.zero_()
 
     def _train_forward(self, input: Tensor, group: Optional[Any]) -> Tensor:
-        sums = group_sums(input, group, layer=self)  # fresh float64 buffer, one all-reduce
+        sums = group_sums(input, group, context=self._sync_context())  # fresh float64 buffer, one all-reduce
         if self._position > 0:
             sums.add_(self._cycle_sums)
         moments = moments_from_sums(sums, stats_dtype(input))
         output = batch_norm_with_moments(input, moments, self.weight, self.bias, self.eps, group,
-                                         layer=self)
+                                         context=self._sync_context())
         self._position += 1
         if self._position >= self.accumulation_steps:
             self._update_running_stats(moments)

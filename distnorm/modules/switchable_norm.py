@@ -125,7 +125,7 @@ class SwitchableNorm(MixtureBase):
     def _mix(self, input: Tensor, group: Optional[Any], batch_stats: bool) -> Tensor:
         dtype = stats_dtype(input)
         if batch_stats:
-            mean_bn, var_bn, count = group_moments_with_grad(input, group, self)
+            mean_bn, var_bn, count = group_moments_with_grad(input, group, self._sync_context())
             self._update_running_stats(Moments(count, mean_bn.detach(), var_bn.detach()))
         else:
             mean_bn, var_bn = self.running_mean, self.running_var
