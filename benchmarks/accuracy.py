@@ -349,7 +349,7 @@ def _rank(rank: int, world: int, cfg: dict[str, Any], data_path: str,
         opt, sched = make_optimizer(model, cfg, float(accum), n_opt_steps)
         # broadcast_buffers=False: every rank keeps its own layer state, as each method
         # defines it (with DDP's default True, rank 0's buffers overwrite the others' at
-        # every forward — among them CBN's history; see the README). Test accuracy is
+        # every forward — among them CBN's history; see docs/accuracy.md). Test accuracy is
         # measured with rank 0's running statistics.
         wrapped = model if name == "bn8" else DDP(model, broadcast_buffers=False)
         runs[name] = {"model": model, "wrapped": wrapped, "opt": opt, "sched": sched,
