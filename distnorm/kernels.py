@@ -62,6 +62,7 @@ _HALF = (torch.float16, torch.bfloat16)
 # and :func:`fused` glue are used. Tests add "cpu" to run the CUDA path's code there.
 _FUSED_DEVICES = {"cuda"}
 _MISSING = object()
+_FAILED = object()  # what _run answers when its function could not be compiled
 # (kernel, dtype) -> its compiled function, or None once compiling it failed.
 _compiled: Dict[Tuple[str, torch.dtype], Any] = {}
 _warned = False
@@ -116,7 +117,7 @@ def fused(fn: Callable[..., Any], *args: Any) -> Any:
     if (first.device.type in _FUSED_DEVICES and enabled()
             and not torch.compiler.is_compiling()):
         out = _run(fn, first.dtype, *args)
-        if out is not None:
+        if out is not _FAILED:
             return out
     return fn(*args)
 
@@ -151,22 +152,22 @@ def _affine_grad(g3: Tensor, x3: Tensor, k: Tensor, a: Tensor, c: Tensor) -> Ten
     return out.to(x3.dtype)
 
 
-def _run(fn: Callable[..., Tensor], dtype: torch.dtype, *args: Tensor) -> Optional[Tensor]:
-    """``fn(*args)`` compiled, or ``None`` if compiling it failed (use eager ops).
+def _run(fn: Callable[..., Any], dtype: torch.dtype, *args: Any) -> Any:
+    """``fn(*args)`` compiled, or ``_FAILED`` if compiling it failed (use eager ops).
 
     One compiled function per kernel and input ``dtype``, each with its own code object, so
     that each has its own cache of graphs (dynamo allows 8 per code object, and
     dtypes, layouts and sizes of 1 each need one).
     """
     global _warned
-    key = (fn.__name__, dtype)
+    key = (fn.__name__, dtype)  # the functions given here have distinct names
     compiled = _compiled.get(key, _MISSING)
     if compiled is _MISSING:
-        code = fn.__code__.replace(co_name=f"{fn.__name__}_{str(key[1]).split('.')[-1]}")
+        code = fn.__code__.replace(co_name=f"{fn.__name__}_{str(dtype).split('.')[-1]}")
         own = types.FunctionType(code, fn.__globals__, code.co_name)
         compiled = _compiled[key] = torch.compile(own, dynamic=True, fullgraph=True)
     if compiled is None:
-        return None
+        return _FAILED
     try:
         return compiled(*args)
     except Exception as error:  # noqa: BLE001 - any compile failure means: use eager ops
@@ -174,11 +175,11 @@ def _run(fn: Callable[..., Tensor], dtype: torch.dtype, *args: Tensor) -> Option
         if not _warned:
             _warned = True
             first = str(error).strip().splitlines()[0] if str(error).strip() else ""
-            warnings.warn(f"distnorm: compiling its fused CPU kernels failed ({type(error).__name__}: "
+            warnings.warn(f"distnorm: compiling its fused kernels failed ({type(error).__name__}: "
                           f"{first}); using eager ops, which make more passes over the "
                           f"activation. Set {COMPILE_ENV}=0 to skip the attempt.", RuntimeWarning,
                           stacklevel=3)
-        return None
+        return _FAILED
 
 
 def moment_sums(x: Tensor) -> Optional[Tensor]:
@@ -195,8 +196,10 @@ def moment_sums(x: Tensor) -> Optional[Tensor]:
     if x3 is None:
         return None
     if x.device.type == "cpu" and 1 < x3.shape[2] <= SHORT_ROW:
-        return _run(_moment_sums_short_rows, x3.dtype, x3)
-    return _run(_moment_sums, x3.dtype, x3)
+        out = _run(_moment_sums_short_rows, x3.dtype, x3)
+    else:
+        out = _run(_moment_sums, x3.dtype, x3)
+    return None if out is _FAILED else out
 
 
 def affine_grad_applies(grad_out: Tensor, x: Tensor) -> bool:
@@ -224,7 +227,7 @@ def affine_grad(grad_out: Tensor, x: Tensor, k: Tensor, a: Tensor, c: Tensor) ->
         return None
     x3, g3 = _canonical(x), _canonical(grad_out)
     out = _run(_affine_grad, x3.dtype, g3, x3, k.float(), a.float(), c.float())
-    if out is None:
+    if out is _FAILED:
         return None
     if x.is_contiguous():
         return out.view(x.shape)
