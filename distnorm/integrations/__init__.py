@@ -8,6 +8,9 @@ imported, so ``import distnorm`` never pulls in an optional framework::
     from distnorm.integrations.detectron2 import norm              # get_norm-compatible callable
     python -m distnorm.integrations.timm_train train.py --sync-bn ...   # timm's train.py
 
-accelerate needs no adapter: convert the model before ``accelerator.prepare``. See
+    from distnorm.integrations.accelerate import check_accelerator   # a guard, no adapter
+
+accelerate needs no adapter: convert the model before ``accelerator.prepare``;
+``check_accelerator`` refuses the one setting where that silently goes wrong. See
 docs/integrations.md for a snippet per framework and what each test covers.
 """
