@@ -112,6 +112,13 @@ def test_world_size_without_group_warns_once_naming_the_fix(fresh_env):
     assert "no process group" in str(report)
 
 
+def test_compiled_forward_without_group_does_not_break_the_graph(fresh_env):
+    fresh_env.setenv("WORLD_SIZE", "2")
+    model = distnorm.convert_model(_net())
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    assert compiled(torch.randn(2, 3, 6, 6)).shape == (2, 4, 4, 4)
+
+
 @pytest.mark.parametrize("env, size", [
     ({"SLURM_STEP_NUM_TASKS": "4", "SLURM_PROCID": "1"}, 4),   # a task of an srun step
     ({"OMPI_COMM_WORLD_SIZE": "3"}, 3),

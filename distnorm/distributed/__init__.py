@@ -10,6 +10,7 @@ import os
 import warnings
 from typing import Any, Mapping, Optional, Tuple
 
+import torch
 import torch.distributed as dist
 
 from ..errors import layer_name
@@ -68,7 +69,9 @@ def _owner_name(owner: Any) -> str:
 
 def _warn_no_group(owner: Any) -> None:
     global _warned_no_group
-    if _warned_no_group:
+    # Inside a torch.compile graph a warning cannot be issued (fullgraph would fail):
+    # compiled models are told by check_model, and by any eager forward.
+    if torch.compiler.is_compiling() or _warned_no_group:
         return
     found = launcher_world_size()
     if found is None:
@@ -92,7 +95,8 @@ def resolve_group(process_group: Optional["ProcessGroup"] = None,
     local counterpart and makes no collective call. When no process group exists but
     a launcher's variables say the job has several processes (see
     :func:`launcher_world_size`), a :class:`NoProcessGroupWarning` says so, once per
-    process.
+    process (from an eager forward: a torch.compile graph cannot warn, and
+    :func:`distnorm.check_model` reports it too).
 
     Args:
         process_group: the layer's group (``None``: the world).
