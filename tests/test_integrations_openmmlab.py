@@ -23,7 +23,10 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import os
+import subprocess
+import sys
 import tempfile
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import pytest
@@ -226,3 +229,23 @@ def _wrap_job(rank: int, world: int) -> List[str]:
                                    default_args=dict(module=_Net(dict(type="BN"))))
     assert wrapped.module.body[0].norm.accumulation_steps == 2
     return [type(m.norm).__name__ for m in wrapped.module.body]
+
+
+def test_config_custom_imports_registers(tmp_path: Path) -> None:
+    """A stock tools/train.py only loads the config: its custom_imports must be enough
+    (a fresh interpreter, where nothing has registered the names yet)."""
+    config = tmp_path / "config.py"
+    config.write_text('custom_imports = dict(imports=["distnorm.integrations.openmmlab_register"], '
+                      'allow_failed_imports=False)\nnorm_cfg = dict(type="DistSyncBN")\n')
+    probe = ("import sys\n"
+             "from mmengine.config import Config\n"
+             "from mmengine.registry import MODELS\n"
+             "assert MODELS.get('DistSyncBN') is None\n"
+             f"cfg = Config.fromfile({str(config)!r})\n"
+             "from mmcv.cnn import build_norm_layer\n"
+             "print(type(build_norm_layer(cfg.norm_cfg, 8)[1]).__name__)\n")
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=root, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.strip().splitlines()[-1] == "SyncBatchNorm"

@@ -3,8 +3,8 @@
 ::
 
     from distnorm.integrations import openmmlab
-    openmmlab.register()          # once, before the model is built (e.g. in the config's
-                                  # custom_imports, or at the top of train.py)
+    openmmlab.register()          # once, before the model is built; in a config instead:
+    # custom_imports = dict(imports=["distnorm.integrations.openmmlab_register"])
 
     norm_cfg = dict(type="DistSyncBN", requires_grad=True)      # instead of type="SyncBN"
     norm_cfg = dict(type="DistCBN", window=4, burn_in=1000)     # options go to the layer
