@@ -167,6 +167,7 @@ def test_runner_trains_like_batch_norm_on_concatenated_batch(world2, norm_type: 
 
 # -- registration, without processes ---------------------------------------------------
 
+@pytest.mark.filterwarnings("ignore:.*does not come straight from:UserWarning")  # DistCBN, alone
 def test_register_is_idempotent_and_every_type_builds() -> None:
     from mmengine.registry import MODEL_WRAPPERS, MODELS
 
