@@ -30,7 +30,7 @@ from typing import Any, Callable, List, Optional
 
 from torch import nn
 
-from ..convert import convert_model, revert_model, variants
+from ..convert import convert_model, revert_model
 from ..modules._base import BatchNormBase
 from ..modules.group_norm import GroupNorm
 
