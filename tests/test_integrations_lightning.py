@@ -198,6 +198,28 @@ def test_both_trainers_take_the_plugin_and_reject_sync_batchnorm(package: str) -
     assert type(trainer.strategy._layer_sync).__name__ == "TorchSyncBatchNorm"
 
 
+def _group_size_job(rank: int, world: int) -> List[int]:
+    import torch.distributed as dist
+
+    from distnorm.integrations.lightning import DistnormSync
+
+    sizes = []
+    for group_size in (1, world):   # apply() creates the groups collectively, on every rank
+        net = DistnormSync(mode="sync", group_size=group_size).apply(_net())
+        sizes.append(dist.get_world_size(net[1].process_group))
+        assert net[4].process_group is net[1].process_group
+    return sizes
+
+
+@needs_lightning
+def test_group_size_makes_the_groups_when_fit_starts(world2) -> None:
+    assert world2.run(_group_size_job) == [[1, 2], [1, 2]]
+    with pytest.raises(ValueError, match="group_size or process_group"):
+        from distnorm.integrations.lightning import DistnormSync
+
+        DistnormSync(group_size=2, process_group=None)
+
+
 if __name__ == "__main__":  # one rank of the torchrun job started by the test above
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
