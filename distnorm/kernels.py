@@ -36,7 +36,9 @@ a warning says so once and the eager ops are used from then on.
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 import types
 import warnings
 from typing import Any, Callable, Dict, Optional, Tuple
@@ -152,6 +154,27 @@ def _affine_grad(g3: Tensor, x3: Tensor, k: Tensor, a: Tensor, c: Tensor) -> Ten
     return out.to(x3.dtype)
 
 
+def _import_cpp_extension_quietly() -> None:
+    """Import ``torch.utils.cpp_extension`` without its import-time line "No CUDA runtime
+    is found, using CUDA_HOME=...": a CUDA build of torch on a machine without a GPU
+    logs it when inductor first builds a CPU kernel, on every rank, through users'
+    progress bars; distnorm's CPU kernels need no CUDA. Other records still show."""
+    if "torch.utils.cpp_extension" in sys.modules:
+        return
+    logger = logging.getLogger("torch.utils.cpp_extension")
+
+    def no_cuda_notice(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No CUDA runtime is found")
+
+    logger.addFilter(no_cuda_notice)
+    try:
+        import torch.utils.cpp_extension  # noqa: F401
+    except Exception:  # noqa: BLE001 - compiling reports the real failure
+        pass
+    finally:
+        logger.removeFilter(no_cuda_notice)
+
+
 def _run(fn: Callable[..., Any], dtype: torch.dtype, *args: Any) -> Any:
     """``fn(*args)`` compiled, or ``_FAILED`` if compiling it failed (use eager ops).
 
@@ -165,6 +188,7 @@ def _run(fn: Callable[..., Any], dtype: torch.dtype, *args: Any) -> Any:
     if compiled is _MISSING:
         code = fn.__code__.replace(co_name=f"{fn.__name__}_{str(dtype).split('.')[-1]}")
         own = types.FunctionType(code, fn.__globals__, code.co_name)
+        _import_cpp_extension_quietly()
         compiled = _compiled[key] = torch.compile(own, dynamic=True, fullgraph=True)
     if compiled is None:
         return _FAILED

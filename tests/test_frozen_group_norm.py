@@ -243,3 +243,16 @@ def test_gn_conversion_of_resnet18_replaces_every_bn():
     assert [g.num_channels for g in gns] == widths
     assert all(g.num_groups == 32 for g in gns)
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def test_frozen_model_can_be_scripted():
+    """FrozenBatchNorm is a fixed affine map: a frozen model scripts and runs the same."""
+    import warnings
+
+    model = distnorm.convert_model(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)),
+                                   mode="frozen")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script is deprecated
+        scripted = torch.jit.script(model)
+    x = torch.randn(2, 3, 5, 5)
+    assert torch.equal(scripted(x), model(x))

@@ -58,7 +58,8 @@ class FrozenBatchNorm(nn.Module):
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
 
     def forward(self, input: Tensor) -> Tensor:
-        check_input(self, input, self.num_features)
+        if not torch.jit.is_scripting():  # the message names the layer (not scriptable)
+            check_input(self, input, self.num_features)
         # The eval-mode native kernel is exactly x·s + b, fused, for any layout.
         return F.batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias,
                             False, 0.0, self.eps)
