@@ -68,6 +68,8 @@ def _local_grad_sums(grad_out: Tensor, x: Tensor, mean: Tensor, invstd: Tensor,
     """``[Σg, Σg·x̂]`` per channel of the local slice, in the statistics' dtype: one
     native pass over ``g`` and ``x``."""
     if x.is_cuda:  # its CUDA kernel (torch's SyncBatchNorm uses it too)
+        if grad_out.stride() != x.stride():  # the kernel reads both in x's layout
+            grad_out = torch.empty_like(x).copy_(grad_out)
         sum_g, sum_gxmu, _, _ = torch.batch_norm_backward_reduce(
             grad_out, x, mean, invstd, None, True, False, False)
         return kernels.fused(_pack_grad_sums, sum_g, sum_gxmu, invstd)
