@@ -180,3 +180,14 @@ def test_a_rank_that_never_joins_times_out_with_a_message():
     assert proc.returncode == 3, proc.stderr[-2000:]
     assert "TIMEOUT rank 0: not all 2 ranks joined the job at 127.0.0.1" in proc.stdout
     assert "within 2 s" in proc.stdout
+
+
+@pytest.mark.parametrize("gpus,ranks,want", [(0, 2, "gloo"), (1, 1, "nccl"), (1, 2, "gloo"),
+                                             (4, 4, "nccl"), (2, 4, "gloo")])
+def test_auto_backend_shares_a_gpu_over_gloo(gpus, ranks, want, monkeypatch):
+    """`distnorm train --nproc 2` on a one-GPU machine: two ranks share the GPU over
+    gloo (one GPU cannot hold two NCCL ranks); a GPU per rank: NCCL."""
+    train = load_train()
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(ranks))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    assert train.auto_backend(use_cuda=gpus > 0) == want

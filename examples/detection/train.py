@@ -137,7 +137,8 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
                      help="ranks to start on this machine when no launcher (torchrun, Slurm) "
                      "set RANK/WORLD_SIZE (default: number of GPUs, else 2)")
     run.add_argument("--backend", choices=("auto", "gloo", "nccl"), default="auto",
-                     help="auto: nccl with CUDA, gloo otherwise")
+                     help="auto: nccl when each rank has a GPU of its own, gloo otherwise "
+                          "(CPU, or ranks sharing a GPU)")
     run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     run.add_argument("--threads", type=int, default=0, help="torch threads per rank on CPU "
                      "(0: cores / ranks on this node)")
@@ -356,10 +357,17 @@ def load_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimize
 
 # -- the job -----------------------------------------------------------------------------
 
+def auto_backend(use_cuda: bool) -> str:
+    """NCCL when every rank of this machine has a GPU of its own; gloo otherwise (CPU,
+    or several ranks sharing a GPU: one GPU cannot hold two NCCL ranks)."""
+    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return "nccl" if use_cuda and ranks_here <= torch.cuda.device_count() else "gloo"
+
+
 def run(args: argparse.Namespace) -> int:
     t_start = time.time()
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    backend = args.backend if args.backend != "auto" else ("nccl" if use_cuda else "gloo")
+    backend = args.backend if args.backend != "auto" else auto_backend(use_cuda)
     info = launch.init_from_env(backend, args.timeout)
     try:
         return _run(args, info, use_cuda, t_start)
@@ -374,7 +382,9 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace, info: launch.DistEnv, use_cuda: bool, t_start: float) -> int:
     rank, world = info.rank, info.world_size
-    device = torch.device(f"cuda:{info.local_rank}" if use_cuda else "cpu")
+    # More ranks than GPUs (e.g. --nproc 2 on one GPU): they share the GPUs, over gloo.
+    device = torch.device(f"cuda:{info.local_rank % torch.cuda.device_count()}" if use_cuda
+                          else "cpu")
     if not use_cuda:
         torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // info.local_world_size))
     check_world(args, world)
