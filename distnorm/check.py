@@ -27,6 +27,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .distributed import launcher_world_size
+from .registry import variants
 
 __all__ = ["LayerReport", "ModelReport", "SwappedLayer", "check_model"]
 
@@ -209,8 +210,6 @@ def check_model(model: nn.Module) -> ModelReport:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"check_model expects an nn.Module (got {type(model).__name__})")
-    from .convert import variants
-
     modes = {cls: mode for mode, cls in variants().items()}
     layers: List[LayerReport] = []
     swapped: List[SwappedLayer] = []

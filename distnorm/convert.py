@@ -6,41 +6,21 @@ A variant registered once with :func:`register_variant` is reachable as
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional, Tuple, Type, TypeVar
+from typing import Any, Callable, Dict, Optional, Type
 
 import warnings
 
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from . import modules  # noqa: F401  (importing the layers registers the built-in variants)
+from .check import forget_conversion, record_conversion
+from .modules._base import BatchNormBase, share_state
+from .modules.frozen import FrozenBatchNorm
+from .modules.group_norm import GroupNorm
+from .registry import register_variant, revertible_variants, variant, variants
+
 __all__ = ["convert_model", "register_variant", "revert_model", "variants"]
-
-_VARIANTS: Dict[str, Tuple[type, bool]] = {}
-T = TypeVar("T", bound=type)
-
-
-def register_variant(mode: str, *, revertible: bool = True) -> Callable[[T], T]:
-    """Class decorator: make a layer class the target of ``convert_model(mode=mode)``.
-
-    The class provides ``from_batch_norm(bn, process_group=None, **options)``,
-    returning a layer that shares ``bn``'s parameters and buffers.
-    """
-    def decorate(cls: T) -> T:
-        if mode in _VARIANTS and _VARIANTS[mode][0] is not cls:
-            raise ValueError(f"mode {mode!r} is already registered to {_VARIANTS[mode][0].__name__}")
-        _VARIANTS[mode] = (cls, revertible)
-        return cls
-    return decorate
-
-
-def variants() -> Dict[str, type]:
-    """The registered modes and their layer classes."""
-    _load_variants()
-    return {mode: cls for mode, (cls, _) in _VARIANTS.items()}
-
-
-def _load_variants() -> None:
-    from . import modules  # noqa: F401  (registers the built-in variants)
 
 
 def _source_types() -> Tuple[type, ...]:
@@ -52,7 +32,7 @@ def _source_types() -> Tuple[type, ...]:
         types.append(ApexSyncBatchNorm)
     except Exception:
         pass
-    types.extend(cls for cls, revertible in _VARIANTS.values() if revertible)
+    types.extend(revertible_variants())
     return tuple(types)
 
 
@@ -130,11 +110,7 @@ def convert_model(module: nn.Module, mode: str = "sync", process_group: Optional
         >>> model = distnorm.convert_model(torchvision.models.resnet50(), mode="sync")
         >>> model = torch.nn.parallel.DistributedDataParallel(model)
     """
-    _load_variants()
-    if mode not in _VARIANTS:
-        raise ValueError(f"unknown mode {mode!r}; valid modes are: "
-                         + ", ".join(repr(m) for m in sorted(_VARIANTS)))
-    target, _ = _VARIANTS[mode]
+    target = variant(mode)
     sources = _source_types()
     made: Dict[int, str] = {}  # id(new layer) -> mode, recorded for check_model
 
@@ -156,8 +132,6 @@ def convert_model(module: nn.Module, mode: str = "sync", process_group: Optional
             _carry_norm_act(child, new)
         return new
 
-    from .check import record_conversion
-
     result = _replace(module, swap)
     record_conversion(result, made)  # so that check_model can name layers swapped away later
     return result
@@ -176,11 +150,6 @@ def revert_model(module: nn.Module) -> nn.Module:
         ValueError: the model holds a GroupNorm made by ``convert_model(mode="gn")``:
             GroupNorm has no running statistics to give back.
     """
-    _load_variants()
-    from .modules._base import BatchNormBase, share_state
-    from .modules.frozen import FrozenBatchNorm
-    from .modules.group_norm import GroupNorm
-
     def swap(name: str, child: nn.Module) -> Optional[nn.Module]:
         if isinstance(child, GroupNorm):
             raise ValueError(f"cannot revert GroupNorm '{name or 'module'}' to BatchNorm: "
@@ -207,8 +176,6 @@ def revert_model(module: nn.Module) -> nn.Module:
             if extra in child._modules and extra in bn._modules:
                 bn._modules[extra] = child._modules[extra]
         return bn
-
-    from .check import forget_conversion
 
     result = _replace(module, swap)
     forget_conversion(result)

@@ -18,7 +18,7 @@ import torchvision
 from torch import nn
 
 import distnorm
-from distnorm.convert import _VARIANTS
+from distnorm.registry import _VARIANTS
 
 
 PLAIN_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..convert import register_variant
+from ..registry import register_variant
 from ..functional import batch_norm_with_moments
 from ..stats import group_moments, stats_dtype
 from ._mixture import MixtureBase, channel_view, instance_moments

@@ -8,7 +8,7 @@ from typing import Any, Callable, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from ..convert import register_variant
+from ..registry import register_variant
 from ..functional import batch_norm_with_moments
 from ..schedules import Schedule
 from ..stats import Moments, group_moments

@@ -27,7 +27,7 @@ from typing import Any, Dict, NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from ..convert import register_variant
+from ..registry import register_variant
 from ..functional import batch_norm_with_moments
 from ..stats import Moments, group_sums, moments_from_sums, stats_dtype
 from ._base import BatchNormBase, layer_name

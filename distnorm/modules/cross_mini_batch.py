@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ..convert import register_variant
+from ..registry import register_variant
 from ..functional import batch_norm_with_moments
 from ..stats import group_sums, moments_from_sums, stats_dtype
 from ._base import BatchNormBase, layer_name

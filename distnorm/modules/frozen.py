@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..convert import register_variant
+from ..registry import register_variant
 from ._base import check_input
 
 __all__ = ["FrozenBatchNorm"]

@@ -6,7 +6,7 @@ from typing import Any
 
 from torch import nn
 
-from ..convert import register_variant
+from ..registry import register_variant
 
 __all__ = ["GroupNorm", "largest_divisor"]
 

@@ -7,7 +7,7 @@ from typing import Any, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from ..convert import register_variant
+from ..registry import register_variant
 from ..functional import group_moments_with_grad
 from ..stats import Moments, stats_dtype
 from ._base import BatchNormBase

@@ -6,7 +6,7 @@ from typing import Any, Optional
 
 from torch import Tensor
 
-from ..convert import register_variant
+from ..registry import register_variant
 from ._base import BatchNormBase
 
 __all__ = ["SyncBatchNorm"]

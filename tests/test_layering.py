@@ -1,0 +1,110 @@
+"""The package's import graph: no circle, and the bottom floors import nothing above them.
+
+Read from the source with ``ast`` (no interpreter per module): every ``import``
+statement counts, those inside functions too, since a lazy import that closes a
+circle is still a circle in the design.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+from typing import Dict, List, Set
+
+import distnorm
+
+ROOT = Path(distnorm.__file__).resolve().parent
+PACKAGE = ROOT.name
+
+
+def _modules() -> Dict[str, Path]:
+    found = {}
+    for path in ROOT.rglob("*.py"):
+        parts = list(path.relative_to(ROOT.parent).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        found[".".join(parts)] = path
+    return found
+
+
+MODULES = _modules()
+
+
+def _imports(name: str, path: Path) -> Set[str]:
+    """The distnorm modules ``name`` imports (a name imported from a package counts as
+    its submodule when there is one, else as the package)."""
+    package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+    found: Set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.split(".")[0] == PACKAGE)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[:len(package) - (node.level - 1)]
+                source = ".".join(base + ([node.module] if node.module else []))
+            else:
+                source = node.module or ""
+            if source.split(".")[0] != PACKAGE:
+                continue
+            for alias in node.names:
+                sub = f"{source}.{alias.name}"
+                found.add(sub if sub in MODULES else source)
+    return {m for m in found if m in MODULES and m != name}
+
+
+GRAPH = {name: _imports(name, path) for name, path in MODULES.items()}
+
+
+def _cycle() -> List[str]:
+    """One import circle of GRAPH (as a path that returns to its start), or []."""
+    state: Dict[str, int] = {}  # 1: on the current path, 2: done
+    path: List[str] = []
+
+    def visit(node: str) -> List[str]:
+        state[node] = 1
+        path.append(node)
+        for dep in sorted(GRAPH[node]):
+            if state.get(dep) == 1:
+                return path[path.index(dep):] + [dep]
+            if dep not in state:
+                found = visit(dep)
+                if found:
+                    return found
+        state[node] = 2
+        path.pop()
+        return []
+
+    for start in sorted(GRAPH):
+        if start not in state:
+            found = visit(start)
+            if found:
+                return found
+    return []
+
+
+def test_graph_is_read():
+    assert f"{PACKAGE}.registry" in GRAPH and f"{PACKAGE}.convert" in GRAPH
+    assert f"{PACKAGE}.registry" in GRAPH[f"{PACKAGE}.modules.sync_batch_norm"]
+    assert f"{PACKAGE}.modules" in GRAPH[f"{PACKAGE}.convert"]
+
+
+def test_no_import_circle():
+    cycle = _cycle()
+    assert not cycle, "import circle: " + " -> ".join(cycle)
+
+
+def test_registry_is_the_bottom_floor():
+    assert GRAPH[f"{PACKAGE}.registry"] == set()
+
+
+def test_layers_do_not_import_the_top_level_api():
+    top = {f"{PACKAGE}.convert", f"{PACKAGE}.check", PACKAGE}
+    for name, deps in GRAPH.items():
+        if name.startswith(f"{PACKAGE}.modules"):
+            assert not deps & top, f"{name} imports {sorted(deps & top)}"
+
+
+def test_public_registry_names_are_kept():
+    assert distnorm.register_variant is distnorm.registry.register_variant
+    assert distnorm.variants is distnorm.registry.variants
+    assert distnorm.variants()["sync"] is distnorm.SyncBatchNorm
