@@ -6,7 +6,7 @@ A variant registered once with :func:`register_variant` is reachable as
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional, Type
+from typing import Any, Callable, Dict, Optional
 
 import warnings
 
@@ -15,9 +15,6 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import modules  # noqa: F401  (importing the layers registers the built-in variants)
 from .check import forget_conversion, record_conversion
-from .modules._base import BatchNormBase, share_state
-from .modules.frozen import FrozenBatchNorm
-from .modules.group_norm import GroupNorm
 from .registry import register_variant, revertible_variants, variant, variants
 
 __all__ = ["convert_model", "register_variant", "revert_model", "variants"]
@@ -140,7 +137,9 @@ def convert_model(module: nn.Module, mode: str = "sync", process_group: Optional
 def revert_model(module: nn.Module) -> nn.Module:
     """Turn every distnorm BatchNorm variant back into plain ``torch.nn`` BatchNorm.
 
-    Each layer goes back to the class it was converted from (``nn.BatchNorm1d``,
+    Every module with a ``to_batch_norm()`` method (the BatchNorm variants, the
+    frozen layer, and any registered variant that defines one) is replaced by what
+    it returns; other modules are searched for such children. Each layer goes back to the class it was converted from (``nn.BatchNorm1d``,
     ``2d``, ``3d`` or ``nn.SyncBatchNorm``; ``nn.BatchNorm2d`` for layers built
     directly), sharing the same parameter and buffer tensors: bit-exact, ready for
     export. A frozen layer's γ and β become parameters again, with the
@@ -151,27 +150,21 @@ def revert_model(module: nn.Module) -> nn.Module:
             GroupNorm has no running statistics to give back.
     """
     def swap(name: str, child: nn.Module) -> Optional[nn.Module]:
-        if isinstance(child, GroupNorm):
-            raise ValueError(f"cannot revert GroupNorm '{name or 'module'}' to BatchNorm: "
-                             "GroupNorm has no running statistics (convert_model(mode='gn') "
-                             "is one-way)")
-        if not isinstance(child, (BatchNormBase, FrozenBatchNorm)):
+        # Each distnorm layer knows the BatchNorm it goes back to; other modules have
+        # no to_batch_norm and are visited for children.
+        to_batch_norm = getattr(child, "to_batch_norm", None)
+        if not callable(to_batch_norm):
             return None
+        try:
+            bn = to_batch_norm()
+        except ValueError as error:
+            raise ValueError(f"cannot revert {type(child).__name__} '{name or 'module'}' to "
+                             f"BatchNorm: {error}") from error
         extras = [n for n, _ in child.named_parameters(recurse=False) if n not in ("weight", "bias")]
         if extras:
             warnings.warn(f"revert_model: {type(child).__name__} '{name}' drops its parameters "
                           f"{extras}; the BatchNorm computes the same only where they are at "
                           "their BatchNorm values")
-        source: Type[nn.Module] = child._distnorm_source or nn.BatchNorm2d
-        kwargs: Dict[str, Any] = {}
-        if issubclass(source, nn.SyncBatchNorm):
-            kwargs["process_group"] = getattr(child, "process_group", None)
-        ref = child.running_mean if child.running_mean is not None else child.weight
-        bn = source(child.num_features, child.eps, child.momentum, child.affine,
-                    child.track_running_stats, **kwargs,
-                    device=ref.device if ref is not None else None,
-                    dtype=ref.dtype if ref is not None else None)
-        share_state(child, bn)
         for extra in ("drop", "act"):  # a BatchNormAct's activation, kept as it was
             if extra in child._modules and extra in bn._modules:
                 bn._modules[extra] = child._modules[extra]

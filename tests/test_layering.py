@@ -11,6 +11,9 @@ import ast
 from pathlib import Path
 from typing import Dict, List, Set
 
+import pytest
+from torch import nn
+
 import distnorm
 
 ROOT = Path(distnorm.__file__).resolve().parent
@@ -108,3 +111,25 @@ def test_public_registry_names_are_kept():
     assert distnorm.register_variant is distnorm.registry.register_variant
     assert distnorm.variants is distnorm.registry.variants
     assert distnorm.variants()["sync"] is distnorm.SyncBatchNorm
+
+
+def test_revert_model_asks_each_layer():
+    """revert_model replaces whatever has a to_batch_norm(), distnorm's or not, and
+    names the layer when it refuses."""
+    class Own(nn.Module):
+        def __init__(self, refuse: bool = False) -> None:
+            super().__init__()
+            self.refuse = refuse
+
+        def to_batch_norm(self) -> nn.Module:
+            if self.refuse:
+                raise ValueError("no statistics here")
+            return nn.BatchNorm1d(3)
+
+    model = nn.Sequential(nn.Linear(2, 3), Own(), nn.Sequential(distnorm.SyncBatchNorm(3)))
+    distnorm.revert_model(model)
+    assert type(model[1]) is nn.BatchNorm1d and type(model[2][0]) is nn.BatchNorm2d
+    refusing = nn.Sequential()
+    refusing.add_module("inner", nn.Sequential(Own(refuse=True)))
+    with pytest.raises(ValueError, match=r"cannot revert Own 'inner.0' to BatchNorm: no statistics"):
+        distnorm.revert_model(refusing)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import itertools
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple, Type
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +23,8 @@ from ..errors import layer_name
 from ..functional import batch_norm_with_moments, update_running_stats
 from ..stats import Moments, group_moments
 
-__all__ = ["BatchNormBase", "check_dtype", "check_input", "layer_name"]
+__all__ = ["BatchNormBase", "check_dtype", "check_input", "layer_name", "rebuild_batch_norm",
+           "share_state"]
 
 _CREATED = itertools.count()
 
@@ -206,6 +207,36 @@ class BatchNormBase(_BatchNorm):
         layer.nonfinite = nonfinite
         layer._distnorm_source = getattr(bn, "_distnorm_source", None) or type(bn)
         return layer
+
+    def to_batch_norm(self) -> nn.Module:
+        """The plain ``torch.nn`` BatchNorm this layer goes back to (``revert_model``).
+
+        See :func:`rebuild_batch_norm`. A subclass whose state has no BatchNorm
+        equivalent overrides this and raises ``ValueError`` saying why.
+        """
+        return rebuild_batch_norm(self)
+
+
+def rebuild_batch_norm(layer: nn.Module) -> nn.Module:
+    """The ``torch.nn`` BatchNorm ``layer`` was converted from, sharing its tensors.
+
+    The class is the one recorded at conversion (``nn.BatchNorm1d``, ``2d``, ``3d``
+    or ``nn.SyncBatchNorm``, which keeps the layer's process group), else
+    ``nn.BatchNorm2d``; ``layer``'s hyper-parameters, parameters and buffers are
+    carried over as the very same tensors (bit-exact). What BatchNorm has no place
+    for — a variant's own parameters, per-rank state — stays behind.
+    """
+    source: Type[nn.Module] = getattr(layer, "_distnorm_source", None) or nn.BatchNorm2d
+    kwargs: Dict[str, Any] = {}
+    if issubclass(source, nn.SyncBatchNorm):
+        kwargs["process_group"] = getattr(layer, "process_group", None)
+    ref = layer.running_mean if layer.running_mean is not None else layer.weight
+    bn = source(layer.num_features, layer.eps, layer.momentum, layer.affine,
+                layer.track_running_stats, **kwargs,
+                device=ref.device if ref is not None else None,
+                dtype=ref.dtype if ref is not None else None)
+    share_state(layer, bn)
+    return bn
 
 
 def share_state(src: nn.Module, dst: nn.Module) -> None:

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..registry import register_variant
-from ._base import check_input
+from ._base import check_input, rebuild_batch_norm
 
 __all__ = ["FrozenBatchNorm"]
 
@@ -101,3 +101,9 @@ class FrozenBatchNorm(nn.Module):
         layer._distnorm_source = getattr(bn, "_distnorm_source", None) or type(bn)
         layer.train(bn.training)
         return layer
+
+    def to_batch_norm(self) -> nn.Module:
+        """The BatchNorm this layer was frozen from, sharing its tensors (``revert_model``):
+        γ and β become parameters again, with the ``requires_grad`` they had before
+        freezing (see :func:`~distnorm.modules._base.rebuild_batch_norm`)."""
+        return rebuild_batch_norm(self)

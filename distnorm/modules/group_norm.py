@@ -46,3 +46,12 @@ class GroupNorm(nn.GroupNorm):
                         else nn.Parameter(value.detach().clone()))
         layer.train(bn.training)
         return layer
+
+    def to_batch_norm(self) -> nn.Module:
+        """Refused: GroupNorm has no running statistics to give back.
+
+        Raises:
+            ValueError: always (``revert_model`` names the layer).
+        """
+        raise ValueError("GroupNorm has no running statistics (convert_model(mode='gn') "
+                         "is one-way)")
