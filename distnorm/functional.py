@@ -64,23 +64,28 @@ def _affine_grad_eager(grad_out: Tensor, x: Tensor, k: Tensor, weight: Tensor, b
 
 
 def _local_grad_sums(grad_out: Tensor, x: Tensor, mean: Tensor, invstd: Tensor,
-                     eps: float) -> Tensor:
-    """``[Σg, Σg·x̂]`` per channel of the local slice, in the statistics' dtype: one
-    native pass over ``g`` and ``x``."""
+                     eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Σg and Σg·x̂ per channel of the local slice, in the statistics' dtype, and the
+    payload ``[Σg, Σg·x̂]`` to all-reduce (a fresh tensor): one native pass over ``g``
+    and ``x``."""
     if x.is_cuda:  # its CUDA kernel (torch's SyncBatchNorm uses it too)
         if grad_out.stride() != x.stride():  # the kernel reads both in x's layout
             grad_out = torch.empty_like(x).copy_(grad_out)
         sum_g, sum_gxmu, _, _ = torch.batch_norm_backward_reduce(
             grad_out, x, mean, invstd, None, True, False, False)
-        return kernels.fused(_pack_grad_sums, sum_g, sum_gxmu, invstd)
+        return kernels.fused(_grad_sums_and_payload, sum_g, sum_gxmu, invstd)
     # On CPU: native_batch_norm_backward's grad_bias and grad_weight (with no weight)
     _, sum_gxhat, sum_g = torch.ops.aten.native_batch_norm_backward(
         grad_out, x, None, None, None, mean, invstd, True, eps, [False, True, True])
-    return torch.cat([sum_g.to(mean.dtype), sum_gxhat.to(mean.dtype)])
+    sum_g, sum_gxhat = sum_g.to(mean.dtype), sum_gxhat.to(mean.dtype)
+    return sum_g, sum_gxhat, torch.cat([sum_g, sum_gxhat])
 
 
-def _pack_grad_sums(sum_g: Tensor, sum_gxmu: Tensor, invstd: Tensor) -> Tensor:
-    return torch.cat([sum_g, sum_gxmu * invstd]).to(invstd.dtype)
+def _grad_sums_and_payload(sum_g: Tensor, sum_gxmu: Tensor, invstd: Tensor
+                           ) -> tuple[Tensor, Tensor, Tensor]:
+    # The payload in float64 at once: the guarded all-reduce sends float64 anyway.
+    sum_gxhat = sum_gxmu * invstd
+    return sum_g, sum_gxhat, torch.cat([sum_g, sum_gxhat]).to(torch.float64)
 
 
 def _input_grad_coefficients(sums: Tensor, weight: Optional[Tensor], invstd: Tensor,
@@ -137,14 +142,12 @@ class _BatchNormWithMoments(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         channels = x.shape[1]
         if x.numel() == 0:  # a shape fact: this rank's slice is empty
-            local = torch.zeros(2 * channels, dtype=mean.dtype, device=x.device)
+            sum_g = sum_gxhat = torch.zeros(channels, dtype=mean.dtype, device=x.device)
+            payload = torch.zeros(2 * channels, dtype=mean.dtype, device=x.device)
         else:
-            local = _local_grad_sums(grad_out, x, mean, invstd, ctx.eps)
-        sum_g, sum_gxhat = local[:channels], local[channels:]
+            sum_g, sum_gxhat, payload = _local_grad_sums(grad_out, x, mean, invstd, ctx.eps)
         grad_x = None
         if need_x:
-            # The unguarded all-reduce works in place; `local` still feeds grad_w/grad_b.
-            payload = local if ctx.context is not None else local.clone()
             sums = all_reduce(payload, ctx.group, ctx.context, "backward",
                               _backward_policy(ctx.context))
             fused_pass = kernels.affine_grad_applies(grad_out, x)

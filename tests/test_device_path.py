@@ -121,6 +121,13 @@ def test_fused_glue_matches_its_eager_expression():
                                                        fused_pass)
             for a, b in zip(got, want):
                 torch.testing.assert_close(a, b)
+        sum_g, sum_gxmu = torch.randn(5, generator=gen), torch.randn(5, generator=gen)
+        got = kernels.fused(functional._grad_sums_and_payload, sum_g, sum_gxmu, invstd)
+        want = functional._grad_sums_and_payload(sum_g, sum_gxmu, invstd)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b)
+        assert got[2].dtype == torch.float64
+        torch.testing.assert_close(got[2], torch.cat([sum_g, sum_gxmu * invstd]).double())
         payload = torch.randn(7, dtype=torch.float64, generator=gen)
         for check in (False, True):
             guard_a = torch.tensor([5.0, 25.0, 2.0, 4.0], dtype=torch.float64)
