@@ -8,6 +8,7 @@ from . import distributed, errors, functional, schedules, stats
 from .check import check_model
 from .convert import convert_model, register_variant, revert_model, variants
 from .errors import NonFiniteError, SyncError
+from .join import joinable
 from .modules import (
     SPADE,
     AdaIN,
@@ -55,6 +56,7 @@ __all__ = [
     "distributed",
     "errors",
     "functional",
+    "joinable",
     "moment_shortcut",
     "register_variant",
     "reset_accumulation",

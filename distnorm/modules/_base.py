@@ -103,10 +103,30 @@ class BatchNormBase(_BatchNorm):
                              f"{NONFINITE_POLICIES} (got {value!r})")
         self.__dict__["_nonfinite"] = value
 
+    @property
+    def timeout(self) -> Optional[float]:
+        """How long, in seconds, a synced collective of this layer waits for every
+        rank on CPU (gloo) before it raises :class:`~distnorm.errors.SyncError`:
+        ``None`` (default) reads ``DISTNORM_TIMEOUT``, else 60 s; ``0`` waits as long
+        as the process group's own timeout. On CUDA the process group's (NCCL's)
+        timeout bounds the wait: a deadline there would block the host."""
+        return self.__dict__.get("_timeout")
+
+    @timeout.setter
+    def timeout(self, value: Optional[float]) -> None:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not value >= 0):
+            raise ValueError(f"{layer_name(self)}: timeout must be None or a number of seconds "
+                             f">= 0 (0: no deadline) (got {value!r})")
+        self.__dict__["_timeout"] = None if value is None else float(value)
+
     # -- torch hooks ---------------------------------------------------------------
     def _check_input_dim(self, input: Tensor) -> None:
         check_input(self, input, self.num_features)
         check_dtype(self, input, self.weight if self.weight is not None else self.running_mean)
+        # Every forward starts here, outside the no_grad blocks of the statistics: the
+        # grad mode of the caller, which the collectives' guard compares across ranks.
+        self.__dict__["_distnorm_autograd"] = torch.is_grad_enabled()
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
@@ -153,6 +173,8 @@ class BatchNormBase(_BatchNorm):
         context.name = layer_name(self)
         context.nonfinite = self.nonfinite
         context.training = self.training
+        context.autograd = self.__dict__.get("_distnorm_autograd", True)
+        context.timeout = self.timeout
         return context
 
     def _update_running_stats(self, moments: Moments) -> None:
@@ -198,6 +220,7 @@ class BatchNormBase(_BatchNorm):
         if process_group is None:  # keep the group a converted nn.SyncBatchNorm had
             process_group = getattr(bn, "process_group", None)
         nonfinite = options.pop("nonfinite", getattr(bn, "nonfinite", "raise"))
+        timeout = options.pop("timeout", getattr(bn, "timeout", None))
         ref = bn.weight if getattr(bn, "weight", None) is not None else bn.running_mean
         layer = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
                     process_group, **options,
@@ -205,6 +228,7 @@ class BatchNormBase(_BatchNorm):
                     dtype=ref.dtype if ref is not None and ref.is_floating_point() else None)
         share_state(bn, layer)
         layer.nonfinite = nonfinite
+        layer.timeout = timeout
         layer._distnorm_source = getattr(bn, "_distnorm_source", None) or type(bn)
         return layer
 
