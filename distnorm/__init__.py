@@ -26,7 +26,9 @@ from .modules import (
     SwitchableNorm,
     SyncBatchNorm,
     accumulation_steps_from,
+    load_rank_state_dict,
     moment_shortcut,
+    rank_state_dict,
     reset_accumulation,
 )
 
@@ -57,7 +59,9 @@ __all__ = [
     "errors",
     "functional",
     "joinable",
+    "load_rank_state_dict",
     "moment_shortcut",
+    "rank_state_dict",
     "register_variant",
     "reset_accumulation",
     "revert_model",

@@ -12,6 +12,7 @@ from .filter_response_norm import FilterResponseNorm
 from .frozen import FrozenBatchNorm
 from .group_norm import GroupNorm
 from .positional_norm import PositionalNorm, moment_shortcut
+from ._rank_state import load_rank_state_dict, rank_state_dict
 from .spade import SPADE
 from .switchable_norm import SwitchableNorm
 from .sync_batch_norm import SyncBatchNorm
@@ -33,6 +34,8 @@ __all__ = [
     "SwitchableNorm",
     "SyncBatchNorm",
     "accumulation_steps_from",
+    "load_rank_state_dict",
     "moment_shortcut",
+    "rank_state_dict",
     "reset_accumulation",
 ]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import itertools
-from typing import Any, Callable, Dict, Optional, Tuple, Type
+from typing import Any, Dict, Optional, Type
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +22,7 @@ from ..distributed.collectives import NONFINITE_POLICIES, SyncContext
 from ..errors import layer_name
 from ..functional import batch_norm_with_moments, update_running_stats
 from ..stats import Moments, group_moments
+from ._rank_state import RankStateMixin
 
 __all__ = ["BatchNormBase", "check_dtype", "check_input", "layer_name", "rebuild_batch_norm",
            "share_state"]
@@ -53,7 +54,7 @@ def check_dtype(layer: nn.Module, x: Tensor, param: Optional[Tensor]) -> None:
                     f"model.to({x.dtype})) so that they match, or use torch.autocast")
 
 
-class BatchNormBase(_BatchNorm):
+class BatchNormBase(RankStateMixin, _BatchNorm):
     """Base of the synced batch-statistics variants (not public).
 
     Holds the arguments of ``torch.nn.BatchNorm2d`` plus ``process_group``; the
@@ -65,11 +66,9 @@ class BatchNormBase(_BatchNorm):
 
     # The class a converted layer came from; revert_model goes back to it.
     _distnorm_source: Optional[type] = None
-    # Per-rank state (CBN's history, CmBN's cycle sums, BRN's clip counters): tensor
-    # attributes, not buffers, so that DDP never overwrites a rank's copy with rank
-    # 0's (broadcast_buffers) and the state_dict stays nn.BatchNorm's. _apply moves
-    # them with the module and keeps their dtype: float64 sums survive model.half().
-    _rank_state: Tuple[str, ...] = ()
+    # Per-rank state (the cross-iteration history, CmBN's cycle sums, BRN's clip
+    # counters) is declared by each variant with add_rank_state (see _rank_state.py):
+    # not buffers, moved with the module in its own dtype, saved per rank.
 
     def __prepare_scriptable__(self) -> "BatchNormBase":
         # torch.jit.script calls this on every submodule before compiling anything:
@@ -181,16 +180,6 @@ class BatchNormBase(_BatchNorm):
         if self._tracks():
             update_running_stats(self.running_mean, self.running_var, self.num_batches_tracked,
                                  moments, self.momentum)
-
-    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> "BatchNormBase":
-        result = super()._apply(fn, recurse)
-        for name in self._rank_state:
-            value = self.__dict__.get(name)
-            if isinstance(value, Tensor):
-                moved = fn(value)
-                self.__dict__[name] = (moved if value.is_meta else value).to(
-                    device=moved.device, dtype=value.dtype)
-        return result
 
     def extra_repr(self) -> str:
         text = super().extra_repr()

@@ -115,8 +115,6 @@ class BatchRenorm(BatchNormBase):
         (0.0, 0.0)
     """
 
-    _rank_state = ("r_clip_count", "d_clip_count", "clip_steps")
-
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
                  affine: bool = True, track_running_stats: bool = True,
                  process_group: Optional[Any] = None, *, r_max: Bound = 3.0,
@@ -128,10 +126,13 @@ class BatchRenorm(BatchNormBase):
         self.d_max = d_max
         self.warmup_steps = warmup_steps
         # Clip monitoring, kept on the device (no host read on the training path);
-        # rank state (see BatchNormBase._rank_state), not in the state_dict.
-        self.r_clip_count = torch.zeros(num_features, dtype=torch.long, device=device)
-        self.d_clip_count = torch.zeros(num_features, dtype=torch.long, device=device)
-        self.clip_steps = torch.zeros((), dtype=torch.long, device=device)
+        # per-rank state (see modules/_rank_state.py), not in the state_dict.
+        self.r_clip_count: Tensor
+        self.d_clip_count: Tensor
+        self.clip_steps: Tensor
+        self.add_rank_state("r_clip_count", torch.zeros(num_features, dtype=torch.long, device=device))
+        self.add_rank_state("d_clip_count", torch.zeros(num_features, dtype=torch.long, device=device))
+        self.add_rank_state("clip_steps", torch.zeros((), dtype=torch.long, device=device))
 
     # -- options -------------------------------------------------------------------
     # Design: the step is num_batches_tracked itself, a device tensor, rather than a
@@ -278,9 +279,7 @@ class BatchRenorm(BatchNormBase):
 
     def reset_clip_stats(self) -> None:
         """Zero the clip counters of :meth:`clip_fractions`."""
-        self.r_clip_count.zero_()
-        self.d_clip_count.zero_()
-        self.clip_steps.zero_()
+        self.reset_rank_state()
 
     def extra_repr(self) -> str:
         text = super().extra_repr()

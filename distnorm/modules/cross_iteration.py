@@ -219,9 +219,11 @@ class CrossIterationBatchNorm(BatchNormBase):
           (or float16) halves the derivatives. ⟨∂_τ, W_t − W_τ⟩ is accumulated
           (telescoped) in float64 from one weight step per iteration, so no
           cancellation of large inner products and no copy of past weights.
-        - The history is not in the state_dict (checkpoints stay ``nn.BatchNorm``
-          compatible). :meth:`history_state` / :meth:`load_history_state` save and
-          resume it mid-training; without them a resumed run refills the window.
+        - The history is per-rank state, not in the state_dict (checkpoints stay
+          ``nn.BatchNorm`` compatible). :meth:`history_state` /
+          :meth:`load_history_state` (or :func:`distnorm.rank_state_dict` /
+          :func:`distnorm.load_rank_state_dict` for a whole model) save and resume
+          it mid-training; without them a resumed run refills the window.
 
     Args:
         num_features: C of an ``(N, C, *)`` input.
@@ -256,9 +258,6 @@ class CrossIterationBatchNorm(BatchNormBase):
         >>> y = bn(conv(torch.randn(2, 3, 32, 32)))
     """
 
-    _rank_state = ("_hist_count", "_hist_has_d", "_hist_mean", "_hist_sq", "_hist_comp_sum",
-                   "_hist_comp_sq", "_hist_bias", "_hist_dsum", "_hist_dsq", "_prev_weight")
-
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
                  affine: bool = True, track_running_stats: bool = True,
                  process_group: Optional[Any] = None, *, window: int = 4, burn_in: int = 0,
@@ -284,23 +283,38 @@ class CrossIterationBatchNorm(BatchNormBase):
         self._producer: Optional[_Producer] = None   # set by attach() or the graph
         self._no_producer = False                    # decided: the input has none
         self._warned: set = set()
-        self._step = 0                               # training forwards so far
-        self._recorded = 0                           # iterations recorded (ring position)
+        # Per-rank state (see modules/_rank_state.py); reset_history resets all of it
+        # but the count of forwards, which the burn-in reads.
+        self._step: int
+        self._recorded: int
+        self.add_rank_state("_step", 0, reset=False)  # training forwards so far
+        self.add_rank_state("_recorded", 0)           # iterations recorded (ring position)
         slots = window - 1
         f64 = dict(dtype=torch.float64, device=device)
         # The window's past iterations, a ring of k − 1 slots (float64 group values
         # and each slot's local compensation ⟨∂S/∂W, W − W_τ⟩, ⟨∂Q/∂W, W − W_τ⟩ up to
         # the last forward, accumulated in float64; derivatives in history_dtype).
+        self._hist_count: Tensor
+        self._hist_has_d: Tensor
+        self._hist_mean: Tensor
+        self._hist_sq: Tensor
+        self._hist_comp_sum: Tensor
+        self._hist_comp_sq: Tensor
         for key, shape in (("_hist_count", (slots,)), ("_hist_has_d", (slots,)),
                            ("_hist_mean", (slots, num_features)),
                            ("_hist_sq", (slots, num_features)),
                            ("_hist_comp_sum", (slots, num_features)),
                            ("_hist_comp_sq", (slots, num_features))):
-            setattr(self, key, torch.zeros(shape, **f64))
-        self._hist_bias: Optional[Tensor] = None     # (k−1, C) float64
-        self._hist_dsum: Optional[Tensor] = None     # (k−1, G, L)
-        self._hist_dsq: Optional[Tensor] = None      # (k−1, C, L)
-        self._prev_weight: Optional[Tensor] = None   # W at the last forward
+            self.add_rank_state(key, torch.zeros(shape, **f64))
+        # Allocated at the first compensated iteration (their shapes are the producer's).
+        self._hist_bias: Optional[Tensor]
+        self._hist_dsum: Optional[Tensor]
+        self._hist_dsq: Optional[Tensor]
+        self._prev_weight: Optional[Tensor]
+        self.add_rank_state("_hist_bias", None)    # (k−1, C) float64
+        self.add_rank_state("_hist_dsum", None)    # (k−1, G, L)
+        self.add_rank_state("_hist_dsq", None)     # (k−1, C, L)
+        self.add_rank_state("_prev_weight", None)  # W at the last forward
 
     # -- producer --------------------------------------------------------------------
     def attach(self, producer: nn.Module) -> "CrossIterationBatchNorm":
@@ -381,29 +395,26 @@ class CrossIterationBatchNorm(BatchNormBase):
     # -- history ---------------------------------------------------------------------
     def reset_history(self) -> None:
         """Forget the past iterations (the burn-in count is kept)."""
-        self._recorded = 0
-        for key in ("_hist_count", "_hist_has_d", "_hist_mean", "_hist_sq", "_hist_comp_sum",
-                    "_hist_comp_sq"):
-            getattr(self, key).zero_()
-        self._hist_bias = self._hist_dsum = self._hist_dsq = self._prev_weight = None
+        self.reset_rank_state()
 
     def history_bytes(self) -> int:
         """Bytes held by the history of past iterations (derivatives and statistics)."""
-        return sum(t.numel() * t.element_size() for t in self._history_tensors().values())
-
-    def _history_tensors(self) -> Dict[str, Tensor]:
-        return {k: getattr(self, k) for k in self._rank_state if getattr(self, k) is not None}
+        return sum(t.numel() * t.element_size() for t in
+                   (getattr(self, name) for name in self.rank_state_names())
+                   if isinstance(t, Tensor))
 
     def history_state(self) -> Dict[str, Any]:
-        """The window's history and counters, to save next to a checkpoint.
+        """The window's history and counters, to save next to a checkpoint:
+        :meth:`rank_state_dict` and the ``window`` it was recorded with
+        (:func:`distnorm.rank_state_dict` saves every layer's at once).
 
         Example::
 
             >>> extra = {n: m.history_state() for n, m in model.named_modules()
             ...          if isinstance(m, distnorm.CrossIterationBatchNorm)}
         """
-        state: Dict[str, Any] = {k: v.detach().clone() for k, v in self._history_tensors().items()}
-        state.update(step=self._step, recorded=self._recorded, window=self.window)
+        state = self.rank_state_dict()
+        state["window"] = self.window
         return state
 
     def load_history_state(self, state: Dict[str, Any]) -> None:
@@ -412,11 +423,11 @@ class CrossIterationBatchNorm(BatchNormBase):
         if state.get("window") != self.window:
             raise ValueError(f"{layer_name(self)}: history of window {state.get('window')} "
                              f"cannot load into window {self.window}")
-        device = self._hist_count.device
-        for key in self._rank_state:
-            value = state.get(key)
-            setattr(self, key, None if value is None else value.detach().clone().to(device))
-        self._step, self._recorded = int(state["step"]), int(state["recorded"])
+        state = dict(state)
+        for old, new in (("step", "_step"), ("recorded", "_recorded")):  # the earlier keys
+            if old in state:
+                state.setdefault(new, state.pop(old))
+        self.load_rank_state_dict(state)
 
     # -- forward ---------------------------------------------------------------------
     def _train_forward(self, input: Tensor, group: Optional[Any]) -> Tensor:

@@ -119,8 +119,6 @@ class CrossMiniBatchNorm(BatchNormBase):
         >>> distnorm.reset_accumulation(model)   # e.g. at the start of each epoch
     """
 
-    _rank_state = ("_cycle_sums",)
-
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
                  affine: bool = True, track_running_stats: bool = True,
                  process_group: Optional[Any] = None, *, accumulation_steps: int = 4,
@@ -128,13 +126,16 @@ class CrossMiniBatchNorm(BatchNormBase):
         super().__init__(num_features, eps, momentum, affine, track_running_stats,
                          process_group, device=device, dtype=dtype)
         self.accumulation_steps = accumulation_steps
-        # [M, ΣS, ΣQ] of the micro-batches seen so far in this cycle (float64, see
-        # distnorm.stats.moment_sums); meaningful only while _position > 0. Rank state
-        # (see BatchNormBase._rank_state).
-        self._cycle_sums = torch.zeros(2 * num_features + 1, dtype=torch.float64, device=device)
-        # Micro-batches already seen in this cycle: a Python int counted by forward
-        # calls, never read from the data (no host synchronisation).
-        self._position = 0
+        # Per-rank state (see modules/_rank_state.py), restarted together by
+        # reset_accumulation. [M, ΣS, ΣQ] of the micro-batches seen so far in this
+        # cycle (float64, see distnorm.stats.moment_sums), meaningful only while
+        # _position > 0; and the micro-batches already seen in this cycle, a Python
+        # int counted by forward calls, never read from the data (no host sync).
+        self._cycle_sums: Tensor
+        self._position: int
+        self.add_rank_state("_cycle_sums", torch.zeros(2 * num_features + 1, dtype=torch.float64,
+                                                       device=device))
+        self.add_rank_state("_position", 0)
 
     @property
     def accumulation_steps(self) -> int:
@@ -152,8 +153,7 @@ class CrossMiniBatchNorm(BatchNormBase):
 
     def reset_accumulation(self) -> None:
         """Restart the cycle, discarding a partial one without a running update."""
-        self._position = 0
-        self._cycle_sums.zero_()
+        self.reset_rank_state()
 
     def _train_forward(self, input: Tensor, group: Optional[Any]) -> Tensor:
         sums = group_sums(input, group, context=self._sync_context())  # fresh float64 buffer, one all-reduce

@@ -290,14 +290,14 @@ def evaluate(model: nn.Module, dataset: DigitDetection, rank: int, world: int,
 # -- checkpoints -------------------------------------------------------------------------
 
 def _rank_state(model: nn.Module) -> Dict[str, Any]:
-    """What differs between ranks: the random generators and CBN's iteration history."""
+    """What differs between ranks: the random generators and the layers' per-rank state
+    (the cross-iteration window's history, CmBN's partial cycle, BRN's clip counters)."""
     state: Dict[str, Any] = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
                              "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
-    state["cbn"] = {n: {k: v.cpu() if torch.is_tensor(v) else v for k, v in m.history_state().items()}
-                    for n, m in model.named_modules()
-                    if isinstance(m, distnorm.CrossIterationBatchNorm)}
+    state["layers"] = {n: {k: v.cpu() if torch.is_tensor(v) else v for k, v in layer.items()}
+                       for n, layer in distnorm.rank_state_dict(model).items()}
     return state
 
 
@@ -307,9 +307,7 @@ def _load_rank_state(model: nn.Module, state: Dict[str, Any]) -> None:
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
-    modules = dict(model.named_modules())
-    for name, history in state.get("cbn", {}).items():
-        modules[name].load_history_state(history)
+    distnorm.load_rank_state_dict(model, state["layers"])
 
 
 def save_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimizer, step: int,
