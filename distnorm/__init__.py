@@ -4,30 +4,32 @@ Public API (see the README): the layers, ``convert_model`` / ``revert_model``,
 ``check_model``, ``reset_accumulation`` and ``distnorm.distributed.group_by``.
 """
 
-from . import distributed, errors, functional, schedules, stats
+from . import catalogue, distributed, errors, functional, registry, schedules, stats
+from .catalogue import (
+    SPADE,
+    AdaIN,
+    ConditionalBatchNorm,
+    ConditionalInstanceNorm,
+    CosineNorm,
+    FilterResponseNorm,
+    PositionalNorm,
+    moment_shortcut,
+)
 from .check import check_model
 from .convert import convert_model, register_variant, revert_model, variants
 from .errors import NonFiniteError, SyncError
 from .join import joinable
 from .modules import (
-    SPADE,
-    AdaIN,
     BatchInstanceNorm,
     BatchRenorm,
-    ConditionalBatchNorm,
-    ConditionalInstanceNorm,
-    CosineNorm,
     CrossIterationBatchNorm,
     CrossMiniBatchNorm,
-    FilterResponseNorm,
     FrozenBatchNorm,
     GroupNorm,
-    PositionalNorm,
     SwitchableNorm,
     SyncBatchNorm,
     accumulation_steps_from,
     load_rank_state_dict,
-    moment_shortcut,
     rank_state_dict,
     reset_accumulation,
 )
@@ -53,6 +55,7 @@ __all__ = [
     "SyncBatchNorm",
     "SyncError",
     "accumulation_steps_from",
+    "catalogue",
     "check_model",
     "convert_model",
     "distributed",
@@ -63,6 +66,7 @@ __all__ = [
     "moment_shortcut",
     "rank_state_dict",
     "register_variant",
+    "registry",
     "reset_accumulation",
     "revert_model",
     "schedules",

@@ -139,7 +139,8 @@ def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> List[str]:
 
 def is_distnorm_layer(module: nn.Module) -> bool:
     """Whether ``module`` is (or subclasses) one of distnorm's layer classes."""
-    return any(cls.__module__.startswith("distnorm.modules") for cls in type(module).__mro__)
+    return any(cls.__module__.startswith(("distnorm.modules", "distnorm.catalogue"))
+               for cls in type(module).__mro__)
 
 
 def _is_norm(module: nn.Module) -> bool:

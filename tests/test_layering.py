@@ -2,14 +2,15 @@
 
 Read from the source with ``ast`` (no interpreter per module): every ``import``
 statement counts, those inside functions too, since a lazy import that closes a
-circle is still a circle in the design.
+circle is still a circle in the design — except in a module-level ``__getattr__``
+that keeps moved names importable from their old place.
 """
 
 from __future__ import annotations
 
 import ast
 from pathlib import Path
-from typing import Dict, List, Set
+from typing import Dict, Iterator, List, Set
 
 import pytest
 from torch import nn
@@ -33,12 +34,22 @@ def _modules() -> Dict[str, Path]:
 MODULES = _modules()
 
 
+def _walk(tree: ast.Module) -> Iterator[ast.AST]:
+    """Every node of ``tree`` but those of a module-level ``__getattr__`` (PEP 562):
+    it resolves names kept for compatibility on first use, after both modules are
+    loaded (``distnorm.modules.AdaIN`` from ``distnorm.catalogue``)."""
+    for top in tree.body:
+        if isinstance(top, ast.FunctionDef) and top.name == "__getattr__":
+            continue
+        yield from ast.walk(top)
+
+
 def _imports(name: str, path: Path) -> Set[str]:
     """The distnorm modules ``name`` imports (a name imported from a package counts as
     its submodule when there is one, else as the package)."""
     package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
     found: Set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+    for node in _walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Import):
             found.update(a.name for a in node.names if a.name.split(".")[0] == PACKAGE)
         elif isinstance(node, ast.ImportFrom):
@@ -133,3 +144,38 @@ def test_revert_model_asks_each_layer():
     refusing.add_module("inner", nn.Sequential(Own(refuse=True)))
     with pytest.raises(ValueError, match=r"cannot revert Own 'inner.0' to BatchNorm: no statistics"):
         distnorm.revert_model(refusing)
+
+
+def test_catalogue_sits_above_the_batch_norm_family():
+    for name, deps in GRAPH.items():
+        if name.startswith(f"{PACKAGE}.modules") or name == f"{PACKAGE}.registry":
+            assert not any(d.startswith(f"{PACKAGE}.catalogue") for d in deps), name
+
+
+@pytest.mark.parametrize("name", ["AdaIN", "ConditionalBatchNorm", "ConditionalInstanceNorm",
+                                  "CosineNorm", "FilterResponseNorm", "PositionalNorm", "SPADE",
+                                  "moment_shortcut"])
+def test_catalogue_names_keep_their_old_homes(name):
+    import distnorm.modules
+
+    moved = getattr(distnorm.catalogue, name)
+    assert getattr(distnorm, name) is moved
+    assert getattr(distnorm.modules, name) is moved
+    namespace: Dict[str, object] = {}
+    exec(f"from distnorm.modules import {name}", namespace)
+    assert namespace[name] is moved
+    if isinstance(moved, type):
+        assert moved.__module__.startswith(f"{PACKAGE}.catalogue.")
+
+
+def test_check_model_still_knows_the_catalogue():
+    from distnorm.check import is_distnorm_layer
+
+    assert is_distnorm_layer(distnorm.AdaIN()) and is_distnorm_layer(distnorm.SPADE(4, 2))
+
+
+def test_unknown_names_still_raise_attribute_error():
+    import distnorm.modules
+
+    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
+        distnorm.modules.Nope  # noqa: B018

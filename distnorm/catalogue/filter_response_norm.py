@@ -7,9 +7,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..modules._base import check_input
+from ..modules._mixture import channel_view
 from ..stats import stats_dtype
-from ._base import check_input
-from ._mixture import channel_view
 
 __all__ = ["FilterResponseNorm"]
 

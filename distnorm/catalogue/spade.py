@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import layer_name
-from ._base import check_input
-from .sync_batch_norm import SyncBatchNorm
+from ..modules._base import check_input
+from ..modules.sync_batch_norm import SyncBatchNorm
 
 __all__ = ["SPADE"]
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import layer_name
-from ._base import check_input
+from ..modules._base import check_input
 
 __all__ = ["ConditionalInstanceNorm"]
 
