@@ -250,3 +250,47 @@ def test_unpack_of_an_empty_group_is_zero():
     assert moments.count.item() == 0
     assert not moments.mean.any() and not moments.var.any()
     assert all(math.isfinite(v) for v in moments.var.tolist())
+
+
+_HOST_OPS = ("lift_fresh", "_local_scalar_dense", "is_nonzero", "nonzero", "item")
+
+
+def _w_no_host_data(rank: int, world: int) -> List[str]:
+    """ATen ops of a steady-state synced training step on the CUDA branches, eager
+    (no compiled glue): the ones that on a GPU copy Python data to the device or read
+    the device on the host."""
+    import os
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops: List[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    os.environ[kernels.COMPILE_ENV] = "0"
+    try:
+        layer = distnorm.convert_model(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)))
+        with device_path():
+            for step in range(3):
+                x = torch.randn(2 + rank, 3, 5, 5)
+                if step == 2:
+                    with Record() as record:
+                        layer(x).square().sum().backward()
+                else:
+                    layer(x).square().sum().backward()
+    finally:
+        del os.environ[kernels.COMPILE_ENV]
+    return [op for op in record.ops if any(name in op for name in _HOST_OPS)]
+
+
+def test_steady_state_step_builds_nothing_from_host_data(world2):
+    """After a layer's first call, its training step on the CUDA branches makes no
+    tensor from Python data (on a GPU: a pageable copy, a host synchronisation, and
+    illegal in a CUDA-graph capture) and reads nothing back on the host."""
+    for ops in world2.run(_w_no_host_data):
+        assert ops == [], ops

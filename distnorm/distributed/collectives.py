@@ -410,10 +410,14 @@ def _pack_on_device(payload: Tensor, guard: Tensor, bit: float, check: bool,
     else:
         flag = torch.zeros_like(payload[:1])
     mode = 1.0 if nograd else 0.0
-    fixed = torch.tensor([nograd, 0.0], dtype=payload.dtype, device=payload.device)
-    parts = [payload, payload.new_zeros(pad), flag, fixed, guard[:2],
-             torch.tensor([mode, mode * mode], dtype=payload.dtype, device=payload.device),
-             guard[2:]]
+    # [nograd, 0] and [mode, mode²] filled on the device: torch.tensor(...,
+    # device=cuda) would be a pageable host-to-device copy (a host synchronisation,
+    # and illegal inside a CUDA-graph capture) whenever this runs eagerly.
+    fixed, modes = payload.new_zeros(2), payload.new_empty(2)
+    fixed[:1].fill_(nograd)  # fill_ takes the number as a kernel argument
+    modes[:1].fill_(mode)
+    modes[1:].fill_(mode * mode)
+    parts = [payload, payload.new_zeros(pad), flag, fixed, guard[:2], modes, guard[2:]]
     if seq is not None:
         step = torch.remainder(seq[:1] + 1, _MOD)
         seq[:1].copy_(step)
