@@ -15,7 +15,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import modules  # noqa: F401  (importing the layers registers the built-in variants)
 from .check import forget_conversion, record_conversion
-from .registry import register_variant, revertible_variants, variant, variants
+from .registry import register_variant, resolve_mode, revertible_variants, variant, variants
 
 __all__ = ["convert_model", "register_variant", "revert_model", "variants"]
 
@@ -93,7 +93,8 @@ def convert_model(module: nn.Module, mode: str = "sync", process_group: Optional
 
     Args:
         module: the model, or a single BatchNorm layer.
-        mode: one of :func:`variants` — ``"sync"``, ``"frozen"``, ``"gn"``, …
+        mode: one of :func:`variants` — ``"sync"``, ``"frozen"``, ``"gn"``, … —
+            or an alias of one (``"cross_iteration"`` for ``"cbn"``).
         process_group: the group synced variants reduce over (``None``: world);
             see :func:`distnorm.distributed.group_by` for subgroups.
         **options: keyword options of the variant's constructor (e.g.
@@ -107,7 +108,8 @@ def convert_model(module: nn.Module, mode: str = "sync", process_group: Optional
         >>> model = distnorm.convert_model(torchvision.models.resnet50(), mode="sync")
         >>> model = torch.nn.parallel.DistributedDataParallel(model)
     """
-    target = variant(mode)
+    canonical = resolve_mode(mode)
+    target = variant(canonical)
     sources = _source_types()
     made: Dict[int, str] = {}  # id(new layer) -> mode, recorded for check_model
 
@@ -124,7 +126,7 @@ def convert_model(module: nn.Module, mode: str = "sync", process_group: Optional
             raise TypeError(f"convert_model(mode={mode!r}): bad options {sorted(options)} "
                             f"for {target.__name__}: {error}") from error
         new._distnorm_name = name or type(child).__name__
-        made[id(new)] = mode
+        made[id(new)] = canonical
         if fused:
             _carry_norm_act(child, new)
         return new

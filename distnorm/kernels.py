@@ -46,6 +46,8 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
+from ._compat import dynamo_disabled
+
 __all__ = ["COMPILE_ENV", "MIN_NUMEL", "MIN_NUMEL_AFFINE", "SHORT_ROW", "affine_grad",
            "affine_grad_applies", "enabled", "fused", "moment_sums"]
 
@@ -72,10 +74,11 @@ _warned = False
 
 def enabled() -> bool:
     """Whether the compiled kernels may be used: ``DISTNORM_COMPILE`` is not ``0`` and
-    torch.compile is not disabled (``TORCHDYNAMO_DISABLE=1``, under which a compiled
-    function would run as its plain, slower expression)."""
+    torch.compile is not disabled (``TORCH_COMPILE_DISABLE=1`` or
+    ``TORCHDYNAMO_DISABLE=1``, under which a compiled function would run as its plain,
+    slower expression)."""
     return (os.environ.get(COMPILE_ENV, "1") not in ("", "0")
-            and not torch._dynamo.config.disable)
+            and not dynamo_disabled())
 
 
 def _canonical(x: Tensor) -> Optional[Tensor]:

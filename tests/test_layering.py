@@ -179,3 +179,23 @@ def test_unknown_names_still_raise_attribute_error():
 
     with pytest.raises(AttributeError, match="no attribute 'Nope'"):
         distnorm.modules.Nope  # noqa: B018
+
+
+def test_compat_is_a_bottom_floor_and_holds_the_private_reads():
+    assert GRAPH[f"{PACKAGE}._compat"] == set()
+    for name, path in MODULES.items():
+        if name != f"{PACKAGE}._compat":
+            text = path.read_text(encoding="utf-8")
+            assert "._saved_" not in text and "_dynamo.config" not in text, name
+
+
+def test_cross_iteration_mode_has_an_unambiguous_alias():
+    from torch import nn as _nn
+
+    layer = distnorm.convert_model(_nn.Sequential(_nn.BatchNorm2d(3)), mode="cross_iteration")
+    assert type(layer[0]) is distnorm.CrossIterationBatchNorm
+    assert "cross_iteration" not in distnorm.variants()
+    with pytest.raises(ValueError, match=r"'sync' \(also 'cross_iteration' for 'cbn'\)"):
+        distnorm.convert_model(_nn.BatchNorm2d(3), mode="nope")
+    with pytest.raises(ValueError, match="already registered"):
+        distnorm.register_variant("cross_iteration")(type("Other", (), {}))

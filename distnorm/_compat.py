@@ -1,0 +1,59 @@
+"""The private torch APIs distnorm reads, in one place.
+
+torch does not promise these across releases; each is read here and nowhere else,
+so that a release that renames one breaks one function (and its test in
+tests/test_compat.py) rather than a layer. This module imports nothing of distnorm.
+
+* autograd nodes' saved arguments (``node._saved_<name>``), from which the
+  cross-iteration layer reads the convolution or linear layer that produced its
+  input (see :mod:`distnorm.modules._producer`);
+* ``torch._dynamo.config.disable``, which the compiled kernels respect;
+* ``torch.distributed._functional_collectives``, the collectives torch.compile traces.
+"""
+
+from __future__ import annotations
+
+import os
+from types import ModuleType
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+__all__ = ["accumulated_leaf", "dynamo_disabled", "functional_collectives", "node_name",
+           "saved_argument"]
+
+
+def saved_argument(node: Any, name: str) -> Any:
+    """What the autograd ``node`` saved as its argument ``name`` (``node._saved_<name>``:
+    a tensor, a number or a tuple of ints), or ``None`` when it saved none (an input
+    that needs no gradient, a freed graph, another torch version's layout)."""
+    try:
+        return getattr(node, "_saved_" + name)
+    except (RuntimeError, AttributeError):
+        return None
+
+
+def node_name(node: Any) -> str:
+    """The kind of an autograd node: ``"ConvolutionBackward0"``, ``"AddmmBackward0"``, ..."""
+    return type(node).__name__
+
+
+def accumulated_leaf(node: Any) -> Optional[Tensor]:
+    """The leaf tensor an ``AccumulateGrad`` node writes the gradient of, else ``None``."""
+    return getattr(node, "variable", None)
+
+
+def dynamo_disabled() -> bool:
+    """Whether torch.compile is switched off — ``TORCH_COMPILE_DISABLE=1`` (read into
+    ``torch._dynamo.config.disable``) or ``TORCHDYNAMO_DISABLE=1`` (read by
+    ``torch.compile`` itself at each call) — so that a compiled function would run as
+    its plain Python."""
+    return bool(torch._dynamo.config.disable) or os.environ.get("TORCHDYNAMO_DISABLE", "") == "1"
+
+
+def functional_collectives() -> ModuleType:
+    """``torch.distributed._functional_collectives``, imported on first use."""
+    import torch.distributed._functional_collectives as funcol
+
+    return funcol
