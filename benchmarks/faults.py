@@ -1,15 +1,17 @@
-"""The fault matrix of issue 10, measured: each fault once, the time to the error.
+"""The fault matrix (issues 10 and 17), measured: each fault once, the time to the error.
 
-Runs the very scenarios of ``tests/test_faults.py`` (its ``fault_*`` functions and
-workers), each on fresh gloo ranks forked for the case (group timeout
-``PG_TIMEOUT_S`` = 10 s), and records per fault what distnorm did, the time from the
-start of the faulty step to the error on the last rank that raised, and the message
-(rank 0's, or the first rank that raised). The rows that are no error (empty
-batches, fp16, large offsets, checkpoints) are run too and report what was checked.
+Runs the very scenarios of ``tests/test_faults.py`` and ``tests/test_reliability.py``
+(their ``fault_*`` functions and workers), each on fresh gloo ranks forked for the
+case (group timeout ``PG_TIMEOUT_S`` = 10 s), and records per fault what distnorm
+did, the time from the start of the faulty step to the error on the last rank that
+raised, and the message (rank 0's, or the first rank that raised). The rows that are
+no error (empty batches, fp16, large offsets, checkpoints, uneven inputs under
+``Join``, compiled models, activation checkpointing) are run too and report what was
+checked.
 
 Usage::
 
-    python benchmarks/faults.py                 # SyncBatchNorm ("sync"), ~30 s
+    python benchmarks/faults.py                 # SyncBatchNorm ("sync"), ~2 min
     python benchmarks/faults.py --mode brn      # another synced variant
 
 Results: ``<out>/faults.md`` and ``<out>/faults.json`` (``--out``, default
@@ -36,6 +38,7 @@ from torch import nn  # noqa: E402
 
 from _common import machine_info  # noqa: E402
 from tests import test_faults as tf  # noqa: E402
+from tests import test_reliability as tr  # noqa: E402
 
 DEFAULT_OUT = os.path.join(HERE, "results")
 MESSAGE_CHARS = 160
@@ -207,8 +210,7 @@ def collect(mode: str) -> List[Dict[str, Any]]:
                            tf.fault_skip_later(mode), "tag/counter guard in the payload"))
     rows.append(_error_row("1", "branch skipped on rank 1 at step 3, payload sizes differ",
                            tf.fault_skip_later(mode, head_channels=6),
-                           "not checked after the first call: gloo aborts the receiving rank, the "
-                           "peer sees the closed connection"))
+                           "one packet size per group (no gloo abort), then the guard"))
     rows.append(_error_row("1", "same, with DISTNORM_DEBUG=1",
                            tf.fault_skip_later(mode, debug=True, head_channels=6),
                            "header check at every call"))
@@ -237,7 +239,100 @@ def collect(mode: str) -> List[Dict[str, Any]]:
     rows.append(_row8(mode))
     rows.append(_row9(mode))
     rows.append(_row10(mode))
+    rows += reliability_rows(mode)
     return rows
+
+
+# -- issue 17: the loops people write (tests/test_reliability.py) ----------------------
+def reliability_rows(mode: str) -> List[Dict[str, Any]]:
+    rows: List[Dict[str, Any]] = []
+    bits = "no-autograd rank bits in the header / guard"
+    rows.append(_error_row("11", "extra training-mode forward under torch.no_grad() on rank 0 "
+                           "(logging, EMA teacher), first step", tr.fault_extra_forward(mode, 0),
+                           bits + ", at the extra forward's first layer"))
+    rows.append(_error_row("11", "same, at step 3", tr.fault_extra_forward(mode, 2),
+                           bits + ", at the extra forward's first layer"))
+    rows.append(_error_row("11", "extra training-mode forward with autograd on rank 0, step 3",
+                           tr.fault_extra_forward(mode, 2, autograd=True),
+                           "its collectives pair with rank 1's forward; rank 0's next forward "
+                           "meets rank 1's backward: equal packet sizes, the guard raises"))
+    rows.append(_error_row("12", f"rank 1 in eval mode, DISTNORM_TIMEOUT={tr.DEADLINE_S:g}",
+                           tr.fault_eval_rank_deadline(),
+                           f"distnorm's deadline ({tr.DEADLINE_S:g} s), not the group's timeout "
+                           f"({tf.PG_TIMEOUT_S:g} s)"))
+    rows.append(_error_row("12", "rank 1 has one batch fewer than rank 0, no Join (deadline "
+                           f"{tr.DEADLINE_S:g} s)", tr.fault_uneven_without_join(),
+                           "the last step has no partner: distnorm's deadline; the message "
+                           "points at Join"))
+    rows.append(_error_row("12", "rank 1 skips batch 1 (a bad batch), no Join", tr.
+                           fault_uneven_without_join(skip=1),
+                           "its later steps pair with rank 0's earlier ones (consistent "
+                           "collectives of real data: nothing to detect); the step left over "
+                           "ends at the deadline"))
+    if mode in tf.BN_EVERY_STEP:
+        rows.append(_join_row(mode, (3, 1, 2), None))
+        rows.append(_join_row(mode, (3, 3), {1: 1}))
+    rows.append(_error_row("14", "Join([ddp_model, distnorm.joinable(ddp_model)]) (joinable "
+                           "not first)", tr.fault_join_not_first(),
+                           "refused before any collective"))
+    rows.append(_error_row("14", "Join, rank 1 has no batch at all", tr.fault_join_without_a_batch(),
+                           "the joined rank has no recorded iteration to shadow; the other "
+                           "ends at the deadline"))
+    rows.append(_compiled_row("raise", False))
+    rows.append(_compiled_row("skip", True))
+    rows.append(_checkpoint_row())
+    return rows
+
+
+def _join_row(mode: str, counts: Sequence[int], skip: Optional[Dict[int, int]]) -> Dict[str, Any]:
+    run = tr.fault_join(mode, counts, skip)
+    ok, detail = True, {}
+    if all(res["status"] == "ok" for res in run.results):
+        detail["max_abs_diff"] = tr.join_matches_reference(run, counts, skip)
+        ok = detail["max_abs_diff"] < 1e-10
+    fault = (f"uneven batches per rank {tuple(counts)} under DDP + Join([distnorm.joinable(m), "
+             "m]) (gradient buckets interleaved with the synced layers' all-reduces)")
+    if skip:
+        fault = "rank 1 skips batch 1, under DDP + Join"
+    return _plain_row("13", fault,
+                      "every rank finishes; a joined rank shadows the synced layers' "
+                      "collectives with zero contributions: parameters and running statistics "
+                      "equal BatchNorm on the data actually seen (max difference "
+                      f"{detail.get('max_abs_diff', math.nan):.0e}, float64)", run, ok, detail)
+
+
+def _compiled_row(policy: str, fullgraph: bool) -> Dict[str, Any]:
+    how = "torch.compile(model, fullgraph=True) of a converted layer" if fullgraph \
+        else "torch.compile(model)"
+    run = tf.run_fault(f"row 15 {policy}", tr._w_compiled_nonfinite, 2, policy, fullgraph,
+                       timeout=600)
+    ok, detail = True, {}
+    if all(res["status"] == "ok" for res in run.results):
+        finite = all(bool(torch.isfinite(t).all()) for r in range(2)
+                     for pair in run.value(r)["running"] for t in pair)
+        raised = [run.value(r)["eager"] is not None for r in range(2)]
+        detail = {"running_finite": finite, "raised_at_next_eager_call": raised}
+        ok = finite and all(raised) == (policy == "raise") and any(raised) == (policy == "raise")
+    then = ("NonFiniteError on every rank at the next eager call" if policy == "raise"
+            else "no error ('skip')")
+    return _plain_row("15", f"{how}, NaN in rank 1's input, nonfinite='{policy}'",
+                      "the NaN rank's contribution zeroed inside the graph: running statistics "
+                      f"finite, those of the finite ranks, on every rank; {then}", run, ok, detail)
+
+
+def _checkpoint_row() -> Dict[str, Any]:
+    run = tf.run_fault("row 16", tr._w_checkpointed, 2)
+    ok, detail = True, {}
+    if all(res["status"] == "ok" for res in run.results):
+        detail["max_abs_diff"] = tr.checkpoint_difference([run.value(r) for r in range(2)])
+        ok = detail["max_abs_diff"] < 1e-9
+    return _plain_row("16", "activation checkpointing (torch.utils.checkpoint around a block "
+                      "with a synced layer)",
+                      "the recomputation in backward repeats the block's forward collective on "
+                      "every rank: outputs, gradients, parameters and running statistics (updated "
+                      "twice per step, as nn.BatchNorm's are) equal nn.BatchNorm's under the same "
+                      f"checkpointing (max difference {detail.get('max_abs_diff', math.nan):.0e})",
+                      run, ok, detail)
 
 
 def _nonfinite_as_fault(mode: str) -> tf.FaultRun:
@@ -276,13 +371,14 @@ def _cell(text: str) -> str:
 
 
 def markdown(rows: Sequence[Dict[str, Any]], meta: Dict[str, Any]) -> str:
-    lines = [f"# The fault matrix (issue 10), measured — `{meta['mode']}`", "",
-             f"W = 2 gloo ranks on CPU (3 for rows 6 and 7), group timeout {tf.PG_TIMEOUT_S:g} s; "
+    lines = [f"# The fault matrix (issues 10 and 17), measured — `{meta['mode']}`", "",
+             f"W = 2 gloo ranks on CPU (3 for rows 6, 7 and the first of 13), group timeout {tf.PG_TIMEOUT_S:g} s; "
              f"torch {meta['torch']}, {meta['cpu_count']} CPUs, load {meta['loadavg_at_start'][0]:.1f} "
              f"at start, {meta['date']}. Time to error: from the start of the faulty step to the "
              "error on the last rank that raised. Message: the first rank that raised, first "
              f"{MESSAGE_CHARS} characters. Generated by `python benchmarks/faults.py`; every row is "
-             "a test in `tests/test_faults.py`.", "",
+             "a test in `tests/test_faults.py` (rows 1-10) or `tests/test_reliability.py` "
+             "(rows 11-16).", "",
              "| # | fault | what distnorm does | time to error | message (first 160 chars) |",
              "|---|---|---|---|---|"]
     for row in rows:
