@@ -404,8 +404,10 @@ def _w_checkpointed(rank: int, world: int) -> Dict[str, Any]:
     return {"y": y.detach(), "dx": x.grad, "state": model.state_dict()}
 
 
-def test_row16_activation_checkpointing_equals_batchnorm_under_checkpointing(world2):
-    results = world2.run(_w_checkpointed)
+def checkpoint_difference(results: List[Dict[str, Any]]) -> float:
+    """The largest difference of the ranks' outputs, input gradients, parameters and
+    running statistics from nn.BatchNorm's under the same checkpointing, on the
+    concatenated batch; asserts that both updated the running statistics twice."""
     ref = _checkpointed(False)
     opt = torch.optim.SGD(ref.parameters(), lr=0.1)
     for step in _checkpoint_data():
@@ -418,8 +420,13 @@ def test_row16_activation_checkpointing_equals_batchnorm_under_checkpointing(wor
     # statistics are updated twice per step, by nn.BatchNorm as by distnorm.
     assert int(ref.block[0].num_batches_tracked) == 4 and int(ref.head.num_batches_tracked) == 2
     rows = {0: slice(0, 3), 1: slice(3, 5)}
+    worst = 0.0
     for rank, out in enumerate(results):
-        torch.testing.assert_close(out["y"], y.detach()[rows[rank]], rtol=1e-10, atol=1e-10)
-        torch.testing.assert_close(out["dx"], x.grad[rows[rank]], rtol=1e-9, atol=1e-10)
-        for key, value in ref.state_dict().items():
-            torch.testing.assert_close(out["state"][key], value, rtol=1e-9, atol=1e-10)
+        pairs = [(out["y"], y.detach()[rows[rank]]), (out["dx"], x.grad[rows[rank]])]
+        pairs += [(out["state"][key], value) for key, value in ref.state_dict().items()]
+        worst = max([worst] + [(a.double() - b.double()).abs().max().item() for a, b in pairs])
+    return worst
+
+
+def test_row16_activation_checkpointing_equals_batchnorm_under_checkpointing(world2):
+    assert checkpoint_difference(world2.run(_w_checkpointed)) < 1e-9
