@@ -1,0 +1,168 @@
+"""The GPU benchmark (``benchmarks/gpu.py``) runs end to end, and survives failures.
+
+There is no GPU here: ``--smoke`` runs every line of its Python on CPU (a gloo group
+of one rank, tiny shapes, torch's Function replaced by its CPU re-implementation,
+"graphed" steps run eagerly), with two faults injected — one candidate's capture
+fails, one worker dies in the middle of an item — so that the paths a real GPU run
+needs when something breaks are checked too: a failure row, a restarted worker, and
+results written whatever happened. One subprocess, well under a minute.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "gpu.py"
+
+CAPTURE_FAULT_ITEM = "layer 4x8x6x6 bf16_cl"
+DEAD_ITEM = "layer_counts 2x16x3x3 fp32"
+
+
+def _load_script():
+    name = "distnorm_gpu_benchmark"
+    if name not in sys.modules:  # registered first: its dataclasses look their module up
+        spec = importlib.util.spec_from_file_location(name, SCRIPT)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gpu-smoke")
+    env = dict(os.environ, PYTHONWARNINGS="ignore",
+               DISTNORM_GPU_BENCH_FAULT=f"exit:{DEAD_ITEM};capture:distnorm@{CAPTURE_FAULT_ITEM}")
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--out", str(out)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((out / "gpu_smoke_cpu.json").read_text())
+    md = (out / "gpu_smoke_cpu.md").read_text()
+    return SimpleNamespace(out=out, proc=proc, report=report, md=md)
+
+
+@pytest.mark.slow
+def test_smoke_run_writes_every_column(smoke):
+    report, md = smoke.report, smoke.md
+    assert sorted(p.name for p in smoke.out.iterdir()) == ["gpu_smoke_cpu.json", "gpu_smoke_cpu.md"]
+    assert report["meta"]["smoke"] is True and report["meta"]["device"] == "cpu"
+    assert report["meta"]["backend"] == "gloo" and report["meta"]["workers_started"] == 2
+
+    # Per layer: 2 shapes × 2 batches × 2 dtypes, four candidates each.
+    layers = {(tuple(r["shape"]), r["dtype"], r["candidate"]): r for r in report["layers"]}
+    configs = {(shape, dtype) for shape, dtype, _ in layers}
+    assert len(configs) == 8
+    for shape, dtype in configs:
+        item = f"layer {'x'.join(map(str, shape))} {dtype}"
+        for name in ("local", "torch", "distnorm", "floor"):
+            row = layers[(shape, dtype, name)]
+            assert row["eager"]["ms"] > 0 and row["eager"]["host_ms"] > 0, row
+            if item == CAPTURE_FAULT_ITEM and name == "distnorm":
+                assert "graphed" not in row and "injected fault" in row["errors"]["capture"]
+            else:
+                assert row["graphed"]["ms"] > 0 and row["capture_mode"] == "emulated on CPU", row
+            counted = f"layer_counts {'x'.join(map(str, shape))} {dtype}" != DEAD_ITEM
+            assert ("counts" in row) == counted, row
+        # The synced candidates did synchronize (distnorm forced at W = 1), local did not.
+        assert layers[(shape, dtype, "local")]["collectives"] == []
+        assert layers[(shape, dtype, "torch")]["collectives"]
+        assert any(c.startswith("all_reduce") for c in layers[(shape, dtype, "distnorm")]["collectives"])
+        # ... and computed BatchNorm: the first step agrees with nn.BatchNorm2d.
+        tol = 1e-5 if dtype == "fp32" else 2e-2
+        parity = layers[(shape, dtype, "distnorm")]["parity"]
+        assert max(parity.values()) < tol, parity
+        assert layers[(shape, dtype, "local")]["ideal_bytes"] > 0
+
+    # Per ResNet-50 step: three candidates, eager and "graphed", each checked against
+    # an eager step from the same state (exactly equal on CPU, where nothing differs).
+    models = {r["candidate"]: r for r in report["models"]}
+    assert set(models) == {"local", "torch", "distnorm"}
+    for name, row in models.items():
+        assert row["eager"]["ms"] > 0 and row["graphed"]["ms"] > 0 and not row["errors"], row
+        assert row["graph_check"]["loss_rel"] == 0 and row["graph_check"]["update_rel"] == 0, row
+        assert "counts" in row
+    assert sum(models["distnorm"]["collectives"].values()) >= 2 * 53
+
+    # The report: sections, ratio columns, the targets (never "met" in a smoke run).
+    for heading in ("## Targets (issue 16)", "## ResNet-50 training step", "## Per layer, float32 NCHW",
+                    "## Per layer, bf16 channels_last", "## Achieved memory bandwidth", "## Failures"):
+        assert heading in md, heading
+    assert "| N×C×H×W | local | torch | distnorm | floor |" in md
+    assert "(d−l)/(t−l)" in md and "distnorm / torch eager" in md
+    assert report["targets"] and all(t["met"] is None for t in report["targets"])
+    assert "Targets (issue 16):" in smoke.proc.stdout
+
+
+@pytest.mark.slow
+def test_smoke_run_survives_a_failed_capture_and_a_dead_worker(smoke):
+    report, md = smoke.report, smoke.md
+    # The dead worker's item is charged once; a new worker ran every item after it.
+    assert [f["id"] for f in report["failures"]] == [DEAD_ITEM]
+    assert "exited with code 9" in report["failures"][0]["error"]
+    assert f"item {DEAD_ITEM}:" in md and "injected fault" in md
+    assert not report["skipped"]
+    later = [r for r in report["layers"] if r["dtype"] == "bf16_cl" and r["shape"] == [4, 16, 3, 3]]
+    assert len(later) == 4 and all("counts" in r for r in later)
+
+
+def test_kernel_counting_reads_kineto_activity_types():
+    gpu = _load_script()
+
+    class Event:
+        def __init__(self, name, activity=None, device="DeviceType.CUDA"):
+            self._name, self._device = name, device
+            if activity is not None:
+                self.activity_type = lambda: activity
+
+        def name(self):
+            return self._name
+
+        def device_type(self):
+            return self._device
+
+    events = [Event("aten::add", "cpu_op", "DeviceType.CPU"),
+              Event("cudaLaunchKernel", "cuda_runtime", "DeviceType.CPU"),
+              Event("void at::native::vectorized_elementwise_kernel<4, Add>(int, Add)", "kernel"),
+              Event("ncclDevKernel_AllReduce_Sum_f64_RING_LL(ncclDevKernelArgsStorage<4096ul>)", "kernel"),
+              Event("Memcpy DtoH (Device -> Pinned)", "gpu_memcpy"),
+              Event("Memset (Device)", "gpu_memset"),
+              # An older torch without activity_type: device and name decide.
+              Event("triton_red_fused_0"), Event("Memcpy HtoD (Pageable -> Device)"),
+              Event("aten::mul", device="DeviceType.CPU")]
+    counts, names = gpu.classify_device_events(events)
+    assert counts == {"kernels": 3, "memcpy": 2, "memset": 1}
+    assert names == {"at::native::vectorized_elementwise_kernel": 1,
+                     "ncclDevKernel_AllReduce_Sum_f64_RING_LL": 1, "triton_red_fused_0": 1}
+
+
+def test_overhead_ratio_and_targets_on_made_up_rows():
+    gpu = _load_script()
+
+    def row(name, eager, graphed, kind="model", **extra):
+        return {"kind": kind, "candidate": name, "batch": 2, "dtype": "fp32",
+                "eager": {"ms": eager}, "graphed": {"ms": graphed}, "errors": {}, **extra}
+
+    report = {"meta": {"smoke": False},
+              "models": [row("local", 10.0, 4.0), row("torch", 30.0, 5.0), row("distnorm", 19.0, 6.0)],
+              "layers": [row("distnorm", 1.0, 0.1, kind="layer", shape=[2, 64, 56, 56],
+                             counts={"kernels": 12.0, "memcpy": 1.0, "memset": 0.0}, host_syncs=0.0)]}
+    assert gpu._overhead_ratio(19.0, 30.0, 10.0) == pytest.approx(0.45)
+    assert gpu._overhead_ratio(19.0, 9.0, 10.0) is None  # torch no slower than local
+    met = {t["target"].split(":")[0]: t["met"] for t in gpu.evaluate_targets(report)}
+    assert met["ResNet-50 step eager, batch 2, float32 NCHW"] is True        # 9 ≤ 0.5 × 20
+    assert met["ResNet-50 step graphed, batch 2, float32 NCHW"] is False     # 2 > 1 × 1
+    assert met["≤ 10 GPU kernels per layer forward + backward (distnorm)"] is False
+    assert met["0 host syncs per layer forward + backward (distnorm)"] is True
+    assert gpu.slug("NVIDIA H200") == "nvidia_h200"
+    assert gpu.sync_warnings(["UserWarning: called a synchronizing CUDA operation (Triggered internally at ...)\nmore",
+                              "some other warning"]) == [
+        "UserWarning: called a synchronizing CUDA operation (Triggered internally at ...)"]
