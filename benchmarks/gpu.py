@@ -869,7 +869,11 @@ def run_layer(item: dict[str, Any], dev: Device, s: Settings) -> list[dict[str, 
     replays = {}
     for name, run in runs.items():
         with attempt(rows[name], "capture", dev) as ok:
-            replay, mode = capture(run, dev, s.capture_warmup)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                replay, mode = capture(run, dev, s.capture_warmup)
+        if caught:  # e.g. distnorm's notice that a kernel fell back to eager ops
+            rows[name]["capture_warnings"] = _warned(caught)
         if ok["ok"]:
             replays[name] = replay
             rows[name]["capture_mode"] = mode
@@ -976,7 +980,11 @@ def run_model(item: dict[str, Any], dev: Device, s: Settings) -> list[dict[str, 
         with attempt(rows[name], "capture", dev) as ok:
             # Warm-up, then a copy of the model and optimizer (the state the first
             # replay starts from), then the capture.
-            replay, mode = capture(runs[name], dev, s.capture_warmup, ready=take)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                replay, mode = capture(runs[name], dev, s.capture_warmup, ready=take)
+        if caught:
+            rows[name]["capture_warnings"] = _warned(caught)
         if not ok["ok"]:
             continue
         rows[name]["capture_mode"] = mode
@@ -1541,10 +1549,11 @@ def markdown(report: dict[str, Any]) -> str:
            for r in report["layers"] + report["models"]):
         lines += ["", ("**distnorm issued no collective at its first step**: its rows measure "
                        "local BatchNorm, not synchronisation (force_distnorm_sync failed).")]
-    warned = sorted({(LABELS[r["candidate"]], w) for r in report["layers"] + report["models"]
-                     for w in r.get("warnings", [])})
+    warned = sorted({(LABELS[r["candidate"]], when, w) for r in report["layers"] + report["models"]
+                     for when, key in (("first step", "warnings"), ("capture", "capture_warnings"))
+                     for w in r.get(key, [])})
     if warned:
-        lines += ["", "## Warnings at the first step", ""] + [f"- {n}: `{w}`" for n, w in warned]
+        lines += ["", "## Warnings", ""] + [f"- {n}, {when}: `{w}`" for n, when, w in warned]
     if report["skipped"]:
         lines += ["", f"## Skipped ({len(report['skipped'])} items: time budget)", "",
                   ", ".join(s["id"] for s in report["skipped"])]
