@@ -190,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="2-process CPU demo: synced BN over 2x2 samples equals BN over 4")
     sub.add_parser("train", add_help=False,
                    help="the detection-style small-batch training job "
-                        "(examples/detection/train.py; --norm bn|sync|cbn|brn|cmbn|gn|frozen)")
+                        "(examples/detection/train.py; --norm bn or a convert_model mode)")
     sub.add_parser("bench", add_help=False,
                    help="benchmarks: `bench layer` (per layer), `bench model` (per ResNet-50 "
                         "step), `bench gpu` (CUDA)")

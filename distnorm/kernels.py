@@ -47,6 +47,7 @@ import torch
 from torch import Tensor
 
 from ._compat import dynamo_disabled
+from ._packing import pack_sums
 
 __all__ = ["COMPILE_ENV", "MIN_NUMEL", "MIN_NUMEL_AFFINE", "SHORT_ROW", "affine_grad",
            "affine_grad_applies", "enabled", "fused", "moment_sums"]
@@ -129,8 +130,8 @@ def fused(fn: Callable[..., Any], *args: Any) -> Any:
 
 def _pack(count: Any, shift: Tensor, first: Tensor, second: Tensor) -> Tensor:
     # Σx = m·s + Σ(x − s); Σx² = Σ(x − s)² + s·(2·Σ(x − s) + m·s), in float64.
-    return torch.cat([torch.full((1,), count, dtype=torch.float64, device=shift.device),
-                      shift * count + first, second + shift * (2 * first + shift * count)])
+    return pack_sums(torch.full((1,), count, dtype=torch.float64, device=shift.device),
+                     shift * count + first, second + shift * (2 * first + shift * count))
 
 
 def _moment_sums(x3: Tensor) -> Tensor:

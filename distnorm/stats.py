@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from . import kernels
+from ._packing import pack_sums, unpack_sums
 from .distributed.collectives import SyncContext, all_reduce
 
 __all__ = [
@@ -147,7 +148,7 @@ def moment_sums(x: Tensor) -> Tensor:
     # inductor (torch 2.14, CPU) was seen sharing a constant across layers and
     # reading a buffer that an earlier all-reduce had already summed.
     count64 = (mean[:1] * 0).add_(count)
-    return torch.cat([count64, mean * count, (var + mean * mean) * count])
+    return pack_sums(count64, mean * count, (var + mean * mean) * count)
 
 
 def moments_from_sums(sums: Tensor, dtype: torch.dtype = torch.float32) -> Moments:
@@ -160,11 +161,10 @@ def moments_from_sums(sums: Tensor, dtype: torch.dtype = torch.float32) -> Momen
 
 
 def _unpack(sums: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
-    channels = (sums.numel() - 1) // 2
-    count = sums[0]
+    count, sum_x, sum_sq = unpack_sums(sums)
     safe = count.clamp(min=1)
-    mean = sums[1:1 + channels] / safe
-    var = (sums[1 + channels:] / safe - mean * mean).clamp_(min=0)
+    mean = sum_x / safe
+    var = (sum_sq / safe - mean * mean).clamp_(min=0)
     return count, mean.to(dtype), var.to(dtype)
 
 
@@ -183,7 +183,7 @@ def group_sums(x: Tensor, group: Optional[Any], *, context: Optional[SyncContext
             messages of the all-reduce. Its ``nonfinite`` policy applies: a rank whose
             sums are not finite contributes zeros, and with ``"raise"`` every rank
             raises :class:`~distnorm.errors.NonFiniteError` naming the layer and ranks.
-        extra: a float64 vector reduced in the same all-reduce (CBN's compensation
+        extra: a float64 vector reduced in the same all-reduce (CIBN's compensation
             terms), appended after the ``2C + 1`` moment sums in the result.
 
     Returns:

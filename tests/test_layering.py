@@ -13,9 +13,11 @@ from pathlib import Path
 from typing import Dict, Iterator, List, Set
 
 import pytest
+import torch
 from torch import nn
 
 import distnorm
+import distnorm._packing
 
 ROOT = Path(distnorm.__file__).resolve().parent
 PACKAGE = ROOT.name
@@ -199,3 +201,21 @@ def test_cross_iteration_mode_has_an_unambiguous_alias():
         distnorm.convert_model(_nn.BatchNorm2d(3), mode="nope")
     with pytest.raises(ValueError, match="already registered"):
         distnorm.register_variant("cross_iteration")(type("Other", (), {}))
+
+
+def test_packed_sums_layout_has_one_home():
+    """[m, Σx, Σx²] is laid out by distnorm._packing alone: no index arithmetic on it
+    elsewhere."""
+    patterns = ("1 + channels", "2 * channels + 1", "2 * num_features + 1", "[1:1 +",
+                "sums[0]")
+    for name, path in MODULES.items():
+        if name != f"{PACKAGE}._packing":
+            text = path.read_text(encoding="utf-8")
+            assert not [p for p in patterns if p in text], name
+    sums = distnorm.stats.moment_sums(torch.arange(12.0).view(2, 3, 2))
+    count, sum_x, sum_sq = distnorm._packing.unpack_sums(sums)
+    assert sums.numel() == distnorm._packing.packed_size(3) and float(count) == 4
+    assert torch.equal(sum_x, torch.tensor([14.0, 22.0, 30.0], dtype=torch.float64))
+    assert torch.equal(sum_sq, torch.tensor([86.0, 158.0, 262.0], dtype=torch.float64))
+    head, extra = distnorm._packing.split_packed(torch.cat([sums, torch.ones(5)]), 3)
+    assert torch.equal(head, sums) and extra.numel() == 5

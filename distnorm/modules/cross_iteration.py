@@ -20,6 +20,7 @@ from typing import Any, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from .._packing import split_packed
 from ..functional import batch_norm_with_moments
 from ..registry import register_variant
 from ..stats import Moments, group_sums, moments_from_sums, stats_dtype
@@ -267,7 +268,8 @@ class CrossIterationBatchNorm(IterationHistory, BatchNormBase):
         local = self._compensations(weight, compensate, input.device)
         # The current moments and every past compensation: one all-reduce.
         buffer = group_sums(input, group, context=self._sync_context(), extra=local)
-        sums, reduced = buffer[:2 * channels + 1], buffer[2 * channels + 1:].view(2, slots, channels)
+        sums, extra = split_packed(buffer, channels)
+        reduced = extra.view(2, slots, channels)
         current = moments_from_sums(sums, torch.float64)
         bias = producer.bias if producer is not None else None
         k_eff, mean_w, var_w, sq_t = self._window_moments(current, reduced, bias, self.rho,

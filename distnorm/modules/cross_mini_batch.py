@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from ..registry import register_variant
 from ..functional import batch_norm_with_moments
+from .._packing import packed_size
 from ..stats import group_sums, moments_from_sums, stats_dtype
 from ._base import BatchNormBase, layer_name
 
@@ -128,13 +129,13 @@ class CrossMiniBatchNorm(BatchNormBase):
         self.accumulation_steps = accumulation_steps
         # Per-rank state (see modules/_rank_state.py), restarted together by
         # reset_accumulation. [M, ΣS, ΣQ] of the micro-batches seen so far in this
-        # cycle (float64, see distnorm.stats.moment_sums), meaningful only while
+        # cycle (float64, laid out by distnorm._packing), meaningful only while
         # _position > 0; and the micro-batches already seen in this cycle, a Python
         # int counted by forward calls, never read from the data (no host sync).
         self._cycle_sums: Tensor
         self._position: int
-        self.add_rank_state("_cycle_sums", torch.zeros(2 * num_features + 1, dtype=torch.float64,
-                                                       device=device))
+        self.add_rank_state("_cycle_sums", torch.zeros(packed_size(num_features),
+                                                       dtype=torch.float64, device=device))
         self.add_rank_state("_position", 0)
 
     @property

@@ -61,6 +61,10 @@ data = _load_data_module()
 NUM_CLASSES, DigitDetection, collate = data.NUM_CLASSES, data.DigitDetection, data.collate
 
 MAX_DETECTIONS = 100
+# The variants this study compares: "bn" (the model's own layers) and the BatchNorm
+# replacements among distnorm.variants() (check_args refuses one this distnorm lacks;
+# tests/test_detection.py checks every one is registered). The mixtures "bin" and
+# "switchable" add learned parameters of their own and are not part of the study.
 NORMS = ("bn", "sync", "cbn", "brn", "cmbn", "gn", "frozen")
 
 # name -> (torchvision builder, whether the builder takes min_size/max_size)
