@@ -69,8 +69,6 @@ def _local_grad_sums(grad_out: Tensor, x: Tensor, mean: Tensor, invstd: Tensor,
     payload ``[Σg, Σg·x̂]`` to all-reduce (a fresh tensor): one native pass over ``g``
     and ``x``."""
     if x.is_cuda:  # its CUDA kernel (torch's SyncBatchNorm uses it too)
-        if grad_out.stride() != x.stride():  # the kernel reads both in x's layout
-            grad_out = torch.empty_like(x).copy_(grad_out)
         sum_g, sum_gxmu, _, _ = torch.batch_norm_backward_reduce(
             grad_out, x, mean, invstd, None, True, False, False)
         return kernels.fused(_grad_sums_and_payload, sum_g, sum_gxmu, invstd)
@@ -141,6 +139,9 @@ class _BatchNormWithMoments(torch.autograd.Function):
         x, weight, mean, var, invstd, count = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         channels = x.shape[1]
+        if x.is_cuda and grad_out.stride() != x.stride():
+            # CUDA's reduce kernel and the fused input gradient read both in x's layout
+            grad_out = torch.empty_like(x).copy_(grad_out)
         if x.numel() == 0:  # a shape fact: this rank's slice is empty
             sum_g = sum_gxhat = torch.zeros(channels, dtype=mean.dtype, device=x.device)
             payload = torch.zeros(2 * channels, dtype=mean.dtype, device=x.device)

@@ -199,6 +199,9 @@ def _run(fn: Callable[..., Any], dtype: torch.dtype, *args: Any) -> Any:
     try:
         return compiled(*args)
     except Exception as error:  # noqa: BLE001 - any compile failure means: use eager ops
+        if isinstance(error, torch.OutOfMemoryError) or (
+                torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
+            raise  # not a compile failure: keep the kernel, and let the caller see it
         _compiled[key] = None
         if not _warned:
             _warned = True

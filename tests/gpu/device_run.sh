@@ -24,5 +24,7 @@ timeout 300 python -m pytest -q -rA -m gpu tests/gpu -p no:cacheprovider \
   --junitxml="$OUT/gpu_tests.xml" 2>&1 | tee "$OUT/gpu_tests.log" | tail -60
 echo "gpu tests exit: ${PIPESTATUS[0]}" | tee -a "$OUT/gpu_tests.log"
 
+# The copy on the GPU machine may have no .git: pass the commit in when it has not.
+export DISTNORM_BENCH_COMMIT="${DISTNORM_BENCH_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}"
 timeout 240 python benchmarks/gpu.py --out "$OUT" 2>&1 | tee "$OUT/gpu_bench.log" | tail -80
 echo "gpu benchmark exit: ${PIPESTATUS[0]}" | tee -a "$OUT/gpu_bench.log"
