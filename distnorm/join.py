@@ -42,7 +42,9 @@ Limits: a rank must run at least one iteration before it joins (it replays what 
 recorded); every iteration must make the same synced calls (one forward and its
 backward — gradient accumulation's several forwards per step are fine); per-rank
 state of a variant (CmBN's partial cycle, CBN's window) is not shadowed and stays
-as the joined rank left it.
+as the joined rank left it; a model under ``torch.compile`` records nothing (its
+collectives are traced into the graph), so a rank that joins fails with
+``SyncError`` there.
 """
 
 from __future__ import annotations
