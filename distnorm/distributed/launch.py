@@ -15,11 +15,17 @@ of hanging.
 
 :func:`run_local` is a small stand-in for ``torchrun --standalone`` on one machine:
 it starts one Python process per rank on a script with those variables set.
+
+A clean exit: importing this module (``import distnorm`` does) runs
+:func:`import_before_init`, so that torch modules imported later cannot keep the
+default process group alive past ``destroy_process_group`` (an abort at interpreter
+exit otherwise, after a job that succeeded).
 """
 
 from __future__ import annotations
 
 import datetime
+import importlib
 import os
 import socket
 import subprocess
@@ -31,9 +37,43 @@ from typing import Dict, List, Mapping, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistEnv", "RendezvousError", "env_from", "init_from_env", "run_local"]
+__all__ = ["DistEnv", "RendezvousError", "env_from", "import_before_init", "init_from_env",
+           "run_local"]
 
 REQUIRED = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+# torch modules that evaluate ``group.WORLD`` in function defaults when they are
+# imported: imported after ``init_process_group``, they hold the default group for
+# good. torch._dynamo imports the first (DDP and torch.compile import dynamo lazily).
+_CAPTURES_DEFAULT_GROUP = ("torch.distributed.nn.functional",)
+
+
+def import_before_init() -> None:
+    """Import the torch modules that would pin the default process group, while
+    there is none, so that ``destroy_process_group`` really ends the group.
+
+    ``torch.distributed.nn.functional`` evaluates ``group.WORLD`` in ten function
+    defaults at import. Imported after ``init_process_group`` (torch._dynamo imports
+    it, and DDP, torch.compile and distnorm's compiled kernels import dynamo on
+    first use), it keeps the group alive after ``destroy_process_group``: the gloo
+    worker threads then run on into interpreter shutdown, and one that releases the
+    last reference to a finished collective's tensors must take the GIL, which a
+    finalizing interpreter refuses by ending the thread inside a destructor —
+    ``terminate called without an active exception`` and SIGABRT after a job that
+    succeeded. Imported first, the defaults hold ``None``.
+
+    Called when distnorm is imported, by :func:`init_from_env` and by the demo's
+    ranks; a no-op once a process group exists (importing then would pin it).
+    """
+    if not dist.is_available() or dist.is_initialized():
+        return
+    for name in _CAPTURES_DEFAULT_GROUP:
+        if name not in sys.modules:
+            try:
+                importlib.import_module(name)
+            except Exception:  # noqa: BLE001 - optional part of torch; nothing to pin then
+                pass
+
 
 _HOW_TO_LAUNCH = (
     "start the script with a launcher that sets them, e.g.\n"
@@ -134,6 +174,7 @@ def init_from_env(backend: Optional[str] = None, timeout: float = 300.0) -> Dist
                        _int(env, "LOCAL_WORLD_SIZE", 1), env.get("MASTER_ADDR", ""),
                        _int(env, "MASTER_PORT", 0))
     info = env_from()
+    import_before_init()
     backend = backend or default_backend()
     if backend == "nccl":
         # Modulo: with --gpus-per-task=1 (Slurm) each task sees only its own GPU.
@@ -216,3 +257,7 @@ def run_local(script: str, argv: Sequence[str], nproc: int, *, port: Optional[in
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
+
+
+# distnorm imports this module, usually before the script's init_process_group.
+import_before_init()
