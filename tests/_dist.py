@@ -14,6 +14,13 @@ Usage (see tests/conftest.py for the fixtures)::
 
     def test_x(world2):
         results = world2.run(_work, shards)
+
+Exit codes are checked: a rank that dies while the pool serves (a gloo abort, a
+crash) fails the job it was running at once with :class:`WorkerExitError`, and
+:meth:`Pool.close` joins every rank with a bounded wait and raises
+:class:`WorkerExitError` when one exited non-zero or by a signal — an abort at
+interpreter exit (``terminate called without an active exception``, SIGABRT) after
+``destroy_process_group`` is a failure, as torchrun would report it.
 """
 
 from __future__ import annotations
@@ -21,20 +28,31 @@ from __future__ import annotations
 import datetime
 import os
 import queue
+import signal
 import sys
 import tempfile
+import time
 import traceback
-from typing import Any, Callable, List
+from typing import Any, Callable, List, Optional
 
 import torch.multiprocessing as mp
 
 TIMEOUT_S = float(os.environ.get("DISTNORM_TEST_TIMEOUT", "120"))
+# How long close() waits for each rank to leave after it was told to: destroying the
+# group and interpreter shutdown take well under a second when nothing is wrong.
+EXIT_TIMEOUT_S = 30.0
+# How often run() looks at the ranks' liveness while it waits for their answers.
+_POLL_S = 0.5
 
 
 def _worker(rank: int, world: int, init_file: str, inbox: Any, outbox: Any, path: List[str]) -> None:
     sys.path[:0] = [p for p in path if p not in sys.path]
     import torch
     import torch.distributed as dist
+
+    # As a user's script does: distnorm imported before init_process_group (its
+    # import prepares a clean exit, see distnorm.distributed.launch.import_before_init).
+    import distnorm  # noqa: F401
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
@@ -57,6 +75,22 @@ class WorkerError(RuntimeError):
     """A rank raised: the message holds every failing rank's traceback."""
 
 
+class WorkerExitError(RuntimeError):
+    """A rank died while serving, or exited non-zero or by a signal at close."""
+
+
+def describe_exit(code: Optional[int]) -> str:
+    """``exit code 1``, ``killed by SIGABRT``, ``still running`` for an exit code."""
+    if code is None:
+        return "still running"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
 class Pool:
     """``world`` spawned ranks, each with a process group, serving jobs."""
 
@@ -77,23 +111,41 @@ class Pool:
         for p in self._procs:
             p.start()
 
+    def _dead(self) -> List[str]:
+        """The ranks that are no longer running, described."""
+        return [f"rank {r} (pid {p.pid}): {describe_exit(p.exitcode)}"
+                for r, p in enumerate(self._procs) if not p.is_alive()]
+
     def run(self, fn: Callable[..., Any], *args: Any, timeout: float = TIMEOUT_S,
             **kwargs: Any) -> List[Any]:
         """Run ``fn(rank, world, *args, **kwargs)`` on every rank; results by rank.
 
-        Raises :class:`WorkerError` if any rank raised; restarts the pool (and
-        raises ``TimeoutError``) if the ranks do not all answer within ``timeout``.
+        Raises :class:`WorkerError` if any rank raised; restarts the pool and raises
+        :class:`WorkerExitError` if a rank died (its exit code or signal in the
+        message), or ``TimeoutError`` if the ranks do not all answer within ``timeout``.
         """
         for box in self._inboxes:
             box.put((fn, args, kwargs))
         results: List[Any] = [None] * self.world
         errors = []
-        for _ in range(self.world):
+        deadline = time.monotonic() + timeout
+        answered = 0
+        while answered < self.world:
             try:
-                rank, ok, value = self._outbox.get(timeout=timeout)
+                rank, ok, value = self._outbox.get(timeout=_POLL_S)
             except queue.Empty:
-                self.restart()
-                raise TimeoutError(f"{fn.__name__}: ranks did not answer within {timeout} s")
+                dead = self._dead()
+                if dead:
+                    # Ranks only leave when told to: one that is gone died (a gloo
+                    # abort, a crash), and its peers may wait for it in vain.
+                    self.restart()
+                    raise WorkerExitError(f"{fn.__name__}: a rank died while running it: "
+                                          + "; ".join(dead) + "".join("\n" + e for e in errors)) from None
+                if time.monotonic() > deadline:
+                    self.restart()
+                    raise TimeoutError(f"{fn.__name__}: ranks did not answer within {timeout} s") from None
+                continue
+            answered += 1
             if ok:
                 results[rank] = value
             else:
@@ -103,16 +155,47 @@ class Pool:
         return results
 
     def restart(self) -> None:
-        self.close(graceful=False)
+        """Kill the ranks (whatever they are doing) and start fresh ones."""
+        self._stop(graceful=False)
         self._start()
 
-    def close(self, graceful: bool = True) -> None:
+    def _stop(self, graceful: bool) -> List[str]:
+        """Stop every rank; return those that exited badly (after being told to leave,
+        when ``graceful``), described."""
         if graceful:
             for box in self._inboxes:
                 box.put(None)
+            deadline = time.monotonic() + EXIT_TIMEOUT_S
             for p in self._procs:
-                p.join(timeout=10)
-        for p in self._procs:
+                p.join(timeout=max(deadline - time.monotonic(), 0.1))
+        bad = []
+        for r, p in enumerate(self._procs):
             if p.is_alive():
                 p.kill()
                 p.join(timeout=5)
+                if graceful:
+                    bad.append(f"rank {r} (pid {p.pid}): did not exit within "
+                               f"{EXIT_TIMEOUT_S:g} s of being told to (killed)")
+            elif graceful and p.exitcode != 0:
+                bad.append(f"rank {r} (pid {p.pid}): {describe_exit(p.exitcode)}")
+        for box in [*self._inboxes, self._outbox]:
+            # The ranks are gone: do not wait to flush what they will never read.
+            box.cancel_join_thread()
+            box.close()
+        return bad
+
+    def close(self, graceful: bool = True) -> None:
+        """Tell every rank to leave and wait for it (at most :data:`EXIT_TIMEOUT_S`).
+
+        Raises:
+            WorkerExitError: (``graceful`` only) a rank exited non-zero or by a signal
+                — e.g. SIGABRT at interpreter exit after ``destroy_process_group`` —
+                or did not exit in time.
+        """
+        bad = self._stop(graceful)
+        if bad:
+            raise WorkerExitError(
+                f"gloo worker pool of {self.world} ranks: {len(bad)} rank(s) did not exit "
+                "cleanly after destroy_process_group (a finished job exits 0; the ranks' "
+                "stderr, e.g. 'terminate called without an active exception', says why): "
+                + "; ".join(bad))

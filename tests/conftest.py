@@ -6,6 +6,8 @@ from tests._dist import Pool
 
 @pytest.fixture(scope="session")
 def world2():
+    """Two gloo ranks for the session. At teardown every rank must exit 0: an abort
+    at interpreter exit fails the session (an error at teardown, pytest exits 1)."""
     pool = Pool(2)
     yield pool
     pool.close()
@@ -13,6 +15,7 @@ def world2():
 
 @pytest.fixture(scope="session")
 def world3():
+    """Three gloo ranks for the session; exit codes checked as for ``world2``."""
     pool = Pool(3)
     yield pool
     pool.close()
