@@ -60,7 +60,9 @@ def run_ranks(fn: Callable[..., Any], world: int, *args: Any, threads: int = 1,
     ``fn`` must be a module-level function. Each rank gets ``torch.set_num_threads(threads)``
     and an initialized default process group (collectives time out after ``pg_timeout``
     seconds); it is destroyed before the rank exits.
-    Raises ``RuntimeError`` with every failing rank's traceback.
+    Raises ``RuntimeError`` with every failing rank's traceback, and also when every
+    rank returned but one then exited non-zero, by a signal (an abort at interpreter
+    exit), or not within 30 s.
     """
     import torch.multiprocessing as mp
 
@@ -104,9 +106,14 @@ def run_ranks(fn: Callable[..., Any], world: int, *args: Any, threads: int = 1,
             if p.is_alive():
                 p.kill()
                 p.join(timeout=5)
+    codes = {r: p.exitcode for r, p in enumerate(procs)}
     if errors:
-        codes = {r: p.exitcode for r, p in enumerate(procs)}
         raise RuntimeError(f"{fn.__name__} failed (exit codes by rank: {codes}):\n" + "\n".join(errors))
+    if any(code != 0 for code in codes.values()):
+        # Every rank returned its result, then one did not exit cleanly (e.g. SIGABRT,
+        # exit code -6, at interpreter exit): a launcher would call the job failed.
+        raise RuntimeError(f"{fn.__name__}: every rank returned, but not every rank exited "
+                           f"cleanly (exit codes by rank, negative = signal: {codes})")
     return out
 
 
