@@ -49,7 +49,8 @@ collectives are traced into the graph), so a rank that joins fails with
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional
+import weakref
+from typing import Any, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -64,8 +65,9 @@ from .modules._base import BatchNormBase
 
 __all__ = ["SyncedLayersJoinable", "joinable"]
 
-# group -> the group of the same ranks that synced layers use while a Join is active.
-_SHADOW_GROUPS: Dict[Any, Any] = {}
+# group -> the group of the same ranks that synced layers use while a Join is active
+# (keyed weakly: a destroyed group is not kept alive here).
+_SHADOW_GROUPS: "weakref.WeakKeyDictionary[Any, Any]" = weakref.WeakKeyDictionary()
 
 
 def joinable(model: nn.Module) -> "SyncedLayersJoinable":

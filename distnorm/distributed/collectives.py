@@ -68,6 +68,7 @@ import datetime
 import math
 import os
 import time
+import weakref
 import zlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, NamedTuple, Optional
@@ -257,8 +258,9 @@ class _Shared:
                 self.waiting.append(context)
 
 
-# The state of each process group this process has guarded collectives on.
-_SHARED: Dict[Any, _Shared] = {}
+# The state of each process group this process has guarded collectives on, keyed
+# weakly: a destroyed group must not be kept alive (with its threads) by distnorm.
+_SHARED: "weakref.WeakKeyDictionary[Any, _Shared]" = weakref.WeakKeyDictionary()
 
 
 def _shared(group: Any) -> _Shared:
