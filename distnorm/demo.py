@@ -16,7 +16,10 @@ import argparse
 import datetime
 import io
 import os
+import queue
+import signal
 import tempfile
+import time
 from typing import Dict, List, Optional
 
 import torch
@@ -86,6 +89,32 @@ def _rank_main(rank: int, world: int, init_file: str, args: argparse.Namespace,
         dist.destroy_process_group()
 
 
+def _exits(procs: List[mp.Process]) -> str:
+    """``rank 0: exit code 0; rank 1: killed by SIGABRT`` for the ranks' processes."""
+    def describe(code: Optional[int]) -> str:
+        if code is None:
+            return "still running"
+        if code < 0:
+            try:
+                return f"killed by {signal.Signals(-code).name}"
+            except ValueError:
+                return f"killed by signal {-code}"
+        return f"exit code {code}"
+    return "; ".join(f"rank {r}: {describe(p.exitcode)}" for r, p in enumerate(procs))
+
+
+def _result(out: "mp.Queue", procs: List[mp.Process], timeout: float) -> Optional[bytes]:
+    """Rank 0's result, or ``None`` once a rank has died without one (or at ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            return out.get(timeout=1.0)
+        except queue.Empty:
+            if any(p.exitcode not in (None, 0) for p in procs):
+                return None  # its peers would wait for it until their group's timeout
+    return None
+
+
 def _compare(state: Dict[str, torch.Tensor], ref: Dict[str, torch.Tensor]) -> Dict[str, float]:
     def worst(keys):
         return max(((state[k].double() - ref[k].double()).abs().max().item() for k in keys), default=0.0)
@@ -112,11 +141,21 @@ def run(world: int = 2, per_rank: int = 2, steps: int = 5, size: int = 32, class
                  for r in range(world)]
         for p in procs:
             p.start()
-        results = torch.load(io.BytesIO(out.get(timeout=600)))
-        for p in procs:
-            p.join(timeout=60)
-        if any(p.exitcode != 0 for p in procs):
-            raise RuntimeError(f"a demo rank failed (exit codes {[p.exitcode for p in procs]})")
+        payload: Optional[bytes] = None
+        try:
+            payload = _result(out, procs, timeout=600)
+        finally:
+            for p in procs:
+                # Without a result the survivors wait for a dead peer: do not wait long.
+                p.join(timeout=60 if payload is not None else 1)
+                if p.is_alive():
+                    p.kill()
+                    p.join(timeout=10)
+        # Every rank must also exit cleanly: an abort at interpreter exit after
+        # destroy_process_group is a failed job for torchrun, Slurm or CI.
+        if payload is None or any(p.exitcode != 0 for p in procs):
+            raise RuntimeError("demo ranks did not all finish cleanly: " + _exits(procs))
+        results = torch.load(io.BytesIO(payload))
 
     rows: List[Dict[str, object]] = [{
         "run": f"nn.BatchNorm2d, 1 process × {per_rank * world}", "final loss": ref_losses[-1].item(),
