@@ -157,6 +157,9 @@ class FaultRun:
     results: List[Dict[str, Any]]   # per rank: status ok | raised | died | missing
     wall_s: float                   # start of the ranks to the last report
     alive_after: List[int] = field(default_factory=list)
+    # rank -> exit code of ranks that reported, then exited before being killed (a
+    # reporting rank sleeps until killed: such an exit is an abort, e.g. SIGABRT).
+    exited_after_report: Dict[int, int] = field(default_factory=dict)
 
     def raised(self) -> List[int]:
         return [r for r, res in enumerate(self.results) if res["status"] == "raised"]
@@ -215,6 +218,9 @@ def run_fault(name: str, fn: Callable[..., Any], world: int, *args: Any,
             else:
                 results[rank] = {"status": "raised", **payload}
         wall = time.monotonic() - start
+        exited = {r: p.exitcode for r, p in enumerate(procs)
+                  if p.exitcode is not None and results[r] is not None
+                  and results[r]["status"] != "died"}
     finally:
         for p in procs:
             if p.is_alive():
@@ -225,13 +231,17 @@ def run_fault(name: str, fn: Callable[..., Any], world: int, *args: Any,
         shutil.rmtree(tmp, ignore_errors=True)
     alive = [r for r, p in enumerate(procs) if p.is_alive()]
     final = [res if res is not None else {"status": "missing"} for res in results]
-    return FaultRun(name, world, final, wall, alive)
+    return FaultRun(name, world, final, wall, alive, exited)
 
 
 # -- assertions ----------------------------------------------------------------------
 def assert_bounded(run: FaultRun, limit: float = CASE_TIMEOUT_S) -> None:
-    """Ended in time, every rank answered or died (none hung), none left alive."""
+    """Ended in time, every rank answered or died (none hung), none left alive, none
+    that answered died on its own afterwards (an abort)."""
     assert not run.alive_after, f"processes left behind: ranks {run.alive_after}\n{run.summary()}"
+    assert not run.exited_after_report, (
+        f"ranks exited after reporting (rank: exit code, negative = signal): "
+        f"{run.exited_after_report}\n{run.summary()}")
     assert all(res["status"] != "missing" for res in run.results), "a rank hung\n" + run.summary()
     assert run.wall_s < limit, f"took {run.wall_s:.1f} s > {limit} s\n{run.summary()}"
 
