@@ -129,8 +129,9 @@ def _fairscale_cls() -> Any:
     return SyncBatchNorm
 
 
-def make_layer(name: str, channels: int, dtype: Any = None) -> Any:
-    """A fresh layer of implementation ``name`` (process group: the world)."""
+def make_layer(name: str, channels: int, dtype: Any = None, group: Any = None) -> Any:
+    """A fresh layer of implementation ``name`` (distnorm's over ``group``, default the
+    world)."""
     import torch
     from torch_sync_bn import TorchSyncBatchNorm
 
@@ -139,11 +140,11 @@ def make_layer(name: str, channels: int, dtype: Any = None) -> Any:
     if name == "local":
         layer = torch.nn.BatchNorm2d(channels)
     elif name == "distnorm" or name in DISTNORM_MODES:
-        layer = distnorm.SyncBatchNorm(channels)
+        layer = distnorm.SyncBatchNorm(channels, process_group=group)
     elif name == "brn":  # renormalizing from the first step: the r/d path is timed
-        layer = distnorm.BatchRenorm(channels)
+        layer = distnorm.BatchRenorm(channels, process_group=group)
     elif name == "cmbn":  # one call = one micro-batch of a 4-step cycle
-        layer = distnorm.CrossMiniBatchNorm(channels, accumulation_steps=4)
+        layer = distnorm.CrossMiniBatchNorm(channels, accumulation_steps=4, process_group=group)
     elif name == "fairscale":
         layer = _fairscale_cls()(channels)
     elif name == "torch_algo":
@@ -164,10 +165,14 @@ def expected_bytes(name: str, channels: int, world: int) -> dict[str, int] | Non
     if name == "distnorm_bare":  # the payloads alone; backward's in the activations' float32
         return {"forward": (2 * channels + 1) * 8, "backward": 2 * channels * 4}
     if name in ("distnorm", "distnorm_eager", "brn", "cmbn"):
-        # float64 all-reduce of [m, Σx (C), Σx² (C)] forward and of [Σg (C), Σg·x̂ (C)]
-        # backward, each followed by the guard's five numbers (non-finite flag, tag,
-        # tag², call, call²); the header all-gather only runs on a layer's first call.
-        return {"forward": (2 * channels + 6) * 8, "backward": (2 * channels + 5) * 8}
+        # float64 all-reduces of the group's packet size: the widest payload seen on
+        # the group — [m, Σx (C), Σx² (C)] forward, [Σg (C), Σg·x̂ (C)] backward, or a
+        # header's W rows — plus the guard's tail (distnorm.distributed.collectives).
+        # The benchmark gives each shape a group of its own: its forward payload sets it.
+        from distnorm.distributed.collectives import _ROW, _TAIL
+
+        packet = (max(2 * channels + 1, world * _ROW) + _TAIL) * 8
+        return {"forward": packet, "backward": packet}
     if name == "fairscale":  # all-reduce count (1), all-reduce [mean, E[x²]] (2C); backward 2C
         return {"forward": (1 + 2 * channels) * 4, "backward": 2 * channels * 4}
     if name.startswith("torch_algo"):
@@ -322,7 +327,10 @@ def _bench_rank(rank: int, world: int, shapes: Sequence[Shape], impls: Sequence[
         gen = torch.Generator().manual_seed(7919 * rank + channels)
         x = torch.randn(shape, generator=gen).requires_grad_()
         dy = torch.randn(shape, generator=gen)
-        layers = {name: make_layer(name, channels) for name in impls}
+        # A group of its own per shape: distnorm pads every packet on a group to the
+        # group's widest layer, and this measures each layer as the only one there.
+        group = dist.new_group(list(range(world)))
+        layers = {name: make_layer(name, channels, group=group) for name in impls}
 
         zero = functools.partial(_zero_grads, x=x)
         train_step = functools.partial(_train_step, x=x, dy=dy)
