@@ -191,7 +191,7 @@ def _run(fn: Callable[..., Any], dtype: torch.dtype, *args: Any) -> Any:
     compiled = _compiled.get(key, _MISSING)
     if compiled is _MISSING:
         code = fn.__code__.replace(co_name=f"{fn.__name__}_{str(dtype).split('.')[-1]}")
-        own = types.FunctionType(code, fn.__globals__, code.co_name)
+        own = types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__)
         _import_cpp_extension_quietly()
         compiled = _compiled[key] = torch.compile(own, dynamic=True, fullgraph=True)
     if compiled is None:

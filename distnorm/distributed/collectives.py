@@ -78,6 +78,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .. import kernels
+from .._compat import functional_collectives
 from ..errors import NonFiniteError, SyncError
 
 __all__ = ["DEBUG_ENV", "DEFAULT_TIMEOUT_S", "NONFINITE_POLICIES", "TIMEOUT_ENV", "Call",
@@ -584,7 +585,7 @@ def _traced_all_reduce(buffer: Tensor, group: Any, context: Optional[SyncContext
     contribution is zeroed on the device and its bit summed along, so every rank's
     statistics (and running statistics) are those of the finite ranks; the bits are
     kept in the context for the layer's next eager call to raise."""
-    import torch.distributed._functional_collectives as funcol
+    funcol = functional_collectives()
 
     if context is None or nonfinite is None:
         return funcol.wait_tensor(funcol.all_reduce(buffer, "sum", group))
