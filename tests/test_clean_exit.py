@@ -112,10 +112,6 @@ def _train_then_destroy_group(rank: int, world: int) -> bool:
     return ref() is None
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "distnorm.distributed.collectives._SHARED is a plain dict keyed by the process group: "
-    "it keeps every group alive after destroy_process_group. Keyed weakly "
-    "(weakref.WeakKeyDictionary) this passes; then remove this marker."))
 def test_synced_layers_keep_no_reference_to_a_destroyed_group(world2):
     assert world2.run(_train_then_destroy_group) == [True, True], (
         "a process group is still referenced after the model was dropped and the group "
