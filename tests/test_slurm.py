@@ -148,6 +148,9 @@ def _one_task_env(port: int) -> Dict[str, str]:
 
 
 def _clean_env(monkeypatch, extra: Dict[str, str]) -> None:
+    # Recorded first, so that what a test exports into os.environ is undone after it.
+    for k in slurm.TORCH_VARIABLES:
+        monkeypatch.setenv(k, "")
     for k in list(os.environ):
         if k.startswith("SLURM_") or k in slurm.TORCH_VARIABLES:
             monkeypatch.delenv(k)
