@@ -13,16 +13,12 @@ fast as its last rank), then the median and quartiles over reps.
 
 from __future__ import annotations
 
-import datetime
 import gc
 import os
-import queue
 import random
 import statistics
-import sys
-import tempfile
+import subprocess
 import time
-import traceback
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,89 +28,21 @@ __all__ = ["Case", "machine_info", "run_ranks", "summarize", "time_interleaved"]
 
 # -- spawning ranks ----------------------------------------------------------------------
 
-def _rank_main(rank: int, world: int, init_file: str, threads: int, pg_timeout: float,
-               fn: Callable[..., Any], args: tuple, results: Any, path: list[str]) -> None:
-    sys.path[:0] = [p for p in path if p not in sys.path]
-    import torch
-    import torch.distributed as dist
-
-    torch.set_num_threads(threads)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world, timeout=datetime.timedelta(seconds=pg_timeout))
-    try:
-        results.put((rank, True, fn(rank, world, *args)))
-    except BaseException:  # noqa: BLE001 - reported to the parent with its traceback
-        results.put((rank, False, traceback.format_exc()))
-    finally:
-        # Flush the result to the parent before tearing down (a rank that aborts
-        # at exit must not lose it), then leave the group cleanly.
-        results.close()
-        results.join_thread()
-        dist.destroy_process_group()
-
-
 def run_ranks(fn: Callable[..., Any], world: int, *args: Any, threads: int = 1,
               timeout: float = 1800.0, pg_timeout: float = 300.0) -> list[Any]:
     """Run ``fn(rank, world, *args)`` on ``world`` spawned gloo ranks; results by rank.
 
-    ``fn`` must be a module-level function. Each rank gets ``torch.set_num_threads(threads)``
-    and an initialized default process group (collectives time out after ``pg_timeout``
-    seconds); it is destroyed before the rank exits.
-    Raises ``RuntimeError`` with every failing rank's traceback, and also when every
-    rank returned but one then exited non-zero, by a signal (an abort at interpreter
+    :func:`distnorm.launch.local.spawn` with the benchmarks' time-outs. ``fn`` must be
+    a module-level function. Each rank gets ``torch.set_num_threads(threads)`` and an
+    initialized default process group (collectives time out after ``pg_timeout``
+    seconds); it is destroyed before the rank exits. Raises ``RuntimeError``
+    (``SpawnError``) with every failing rank's traceback, and also when every rank
+    returned but one then exited non-zero, by a signal (an abort at interpreter
     exit), or not within 30 s.
     """
-    import torch.multiprocessing as mp
+    from distnorm.launch.local import spawn
 
-    ctx = mp.get_context("spawn")
-    tmp = tempfile.mkdtemp(prefix="distnorm-bench-")
-    init_file = os.path.join(tmp, "init")
-    results = ctx.Queue()
-    procs = [ctx.Process(target=_rank_main, daemon=True,
-                         args=(r, world, init_file, threads, pg_timeout, fn, args, results,
-                               list(sys.path)))
-             for r in range(world)]
-    for p in procs:
-        p.start()
-    out: list[Any] = [None] * world
-    received: set = set()
-    errors = []
-    deadline = time.monotonic() + timeout
-    dead_since: float | None = None
-    try:
-        while len(received) < world and not errors:
-            try:
-                rank, ok, value = results.get(timeout=1.0)
-            except queue.Empty:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{fn.__name__}: ranks did not finish within {timeout:.0f} s")
-                lost = [r for r, p in enumerate(procs) if r not in received and p.exitcode not in (None, 0)]
-                if lost:  # a rank died without a result: give the pipe a moment, then fail
-                    dead_since = dead_since or time.monotonic()
-                    if time.monotonic() - dead_since > 5.0:
-                        codes = {r: procs[r].exitcode for r in lost}
-                        raise RuntimeError(f"{fn.__name__}: rank(s) died without a result (exit codes {codes})")
-                continue
-            received.add(rank)
-            if ok:
-                out[rank] = value
-            else:
-                errors.append(f"--- rank {rank} ---\n{value}")  # the others may be stuck in a collective
-    finally:
-        for p in procs:
-            p.join(timeout=30 if not errors else 1)
-            if p.is_alive():
-                p.kill()
-                p.join(timeout=5)
-    codes = {r: p.exitcode for r, p in enumerate(procs)}
-    if errors:
-        raise RuntimeError(f"{fn.__name__} failed (exit codes by rank: {codes}):\n" + "\n".join(errors))
-    if any(code != 0 for code in codes.values()):
-        # Every rank returned its result, then one did not exit cleanly (e.g. SIGABRT,
-        # exit code -6, at interpreter exit): a launcher would call the job failed.
-        raise RuntimeError(f"{fn.__name__}: every rank returned, but not every rank exited "
-                           f"cleanly (exit codes by rank, negative = signal: {codes})")
-    return out
+    return spawn(fn, world, *args, threads=threads, timeout=timeout, pg_timeout=pg_timeout)
 
 
 def machine_info() -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """The two-minute demo: synced BN over 2 ranks × 2 samples is BN over 4 samples.
 
-Spawns ``world`` CPU processes over gloo, converts a torchvision ResNet-18 with
-:func:`distnorm.convert_model`, trains it a few SGD steps under
+Spawns ``world`` CPU processes over gloo (:func:`distnorm.launch.local.spawn`),
+converts a torchvision ResNet-18 with :func:`distnorm.convert_model`, trains it a few SGD steps under
 ``DistributedDataParallel`` at 2 samples per rank, and compares against the same
 model trained in one process on the concatenated batch with plain
 ``nn.BatchNorm2d``. Local BN (each rank normalizing its own 2 samples) is shown
@@ -13,21 +13,15 @@ Run it with ``distnorm demo`` (or ``python -m distnorm.demo``).
 from __future__ import annotations
 
 import argparse
-import datetime
 import io
-import os
-import queue
-import signal
-import tempfile
-import time
 from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 import distnorm
+from distnorm.launch.local import spawn
 
 
 def _model(num_classes: int) -> nn.Module:
@@ -62,57 +56,26 @@ def _train(model: nn.Module, xs: torch.Tensor, ys: torch.Tensor, lr: float) -> L
     return losses
 
 
-def _rank_main(rank: int, world: int, init_file: str, args: argparse.Namespace,
-               out: "mp.Queue") -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world, timeout=datetime.timedelta(seconds=120))
-    try:
-        xs, ys = _data(args.steps, args.per_rank * world, args.size, args.classes)
-        shard = slice(rank * args.per_rank, (rank + 1) * args.per_rank)
-        results: Dict[str, Dict[str, torch.Tensor]] = {}
-        for label, mode in (("distnorm sync", "sync"), ("local BN", None)):
-            model = _model(args.classes)
-            if mode is not None:
-                model = distnorm.convert_model(model, mode=mode)
-            ddp = nn.parallel.DistributedDataParallel(model)
-            losses = torch.stack(_train(ddp, xs[:, shard], ys[:, shard], args.lr))
-            # The loss of the global batch: mean of the ranks' means (equal shards).
-            dist.all_reduce(losses)
-            results[label] = {"loss": losses / world,
-                              "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
-        if rank == 0:  # bytes, not shared tensors: this process exits right after
-            buffer = io.BytesIO()
-            torch.save(results, buffer)
-            out.put(buffer.getvalue())
-    finally:
-        dist.destroy_process_group()
-
-
-def _exits(procs: List[mp.Process]) -> str:
-    """``rank 0: exit code 0; rank 1: killed by SIGABRT`` for the ranks' processes."""
-    def describe(code: Optional[int]) -> str:
-        if code is None:
-            return "still running"
-        if code < 0:
-            try:
-                return f"killed by {signal.Signals(-code).name}"
-            except ValueError:
-                return f"killed by signal {-code}"
-        return f"exit code {code}"
-    return "; ".join(f"rank {r}: {describe(p.exitcode)}" for r, p in enumerate(procs))
-
-
-def _result(out: "mp.Queue", procs: List[mp.Process], timeout: float) -> Optional[bytes]:
-    """Rank 0's result, or ``None`` once a rank has died without one (or at ``timeout``)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            return out.get(timeout=1.0)
-        except queue.Empty:
-            if any(p.exitcode not in (None, 0) for p in procs):
-                return None  # its peers would wait for it until their group's timeout
-    return None
+def _rank_main(rank: int, world: int, args: argparse.Namespace) -> Optional[bytes]:
+    """One rank's runs (the process group is started by :func:`distnorm.launch.local.spawn`)."""
+    xs, ys = _data(args.steps, args.per_rank * world, args.size, args.classes)
+    shard = slice(rank * args.per_rank, (rank + 1) * args.per_rank)
+    results: Dict[str, Dict[str, torch.Tensor]] = {}
+    for label, mode in (("distnorm sync", "sync"), ("local BN", None)):
+        model = _model(args.classes)
+        if mode is not None:
+            model = distnorm.convert_model(model, mode=mode)
+        ddp = nn.parallel.DistributedDataParallel(model)
+        losses = torch.stack(_train(ddp, xs[:, shard], ys[:, shard], args.lr))
+        # The loss of the global batch: mean of the ranks' means (equal shards).
+        dist.all_reduce(losses)
+        results[label] = {"loss": losses / world,
+                          "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+    if rank != 0:
+        return None
+    buffer = io.BytesIO()  # bytes, not shared tensors: this process exits right after
+    torch.save(results, buffer)
+    return buffer.getvalue()
 
 
 def _compare(state: Dict[str, torch.Tensor], ref: Dict[str, torch.Tensor]) -> Dict[str, float]:
@@ -133,29 +96,10 @@ def run(world: int = 2, per_rank: int = 2, steps: int = 5, size: int = 32, class
     ref_losses = torch.stack(_train(reference, xs, ys, lr))
     ref_state = {k: v.detach().clone() for k, v in reference.state_dict().items()}
 
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    with tempfile.TemporaryDirectory() as tmp:
-        init_file = os.path.join(tmp, "init")
-        procs = [ctx.Process(target=_rank_main, args=(r, world, init_file, args, out))
-                 for r in range(world)]
-        for p in procs:
-            p.start()
-        payload: Optional[bytes] = None
-        try:
-            payload = _result(out, procs, timeout=600)
-        finally:
-            for p in procs:
-                # Without a result the survivors wait for a dead peer: do not wait long.
-                p.join(timeout=60 if payload is not None else 1)
-                if p.is_alive():
-                    p.kill()
-                    p.join(timeout=10)
-        # Every rank must also exit cleanly: an abort at interpreter exit after
-        # destroy_process_group is a failed job for torchrun, Slurm or CI.
-        if payload is None or any(p.exitcode != 0 for p in procs):
-            raise RuntimeError("demo ranks did not all finish cleanly: " + _exits(procs))
-        results = torch.load(io.BytesIO(payload))
+    # Every rank must also exit cleanly: spawn fails on an abort at interpreter exit
+    # after destroy_process_group, a failed job for torchrun, Slurm or CI.
+    payload = spawn(_rank_main, world, args, timeout=600.0, pg_timeout=120.0)[0]
+    results = torch.load(io.BytesIO(payload))
 
     rows: List[Dict[str, object]] = [{
         "run": f"nn.BatchNorm2d, 1 process × {per_rank * world}", "final loss": ref_losses[-1].item(),

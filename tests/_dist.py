@@ -28,19 +28,21 @@ from __future__ import annotations
 import datetime
 import os
 import queue
-import signal
 import sys
 import tempfile
 import time
 import traceback
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, List
 
 import torch.multiprocessing as mp
 
+# The library's launcher of local ranks: the same process start and the same verdict
+# on exits (describe_exit is imported by tests that report exit codes).
+from distnorm.launch.local import EXIT_TIMEOUT_S, bad_exits, describe_exit, start_ranks
+
+__all__ = ["EXIT_TIMEOUT_S", "Pool", "TIMEOUT_S", "WorkerError", "WorkerExitError", "describe_exit"]
+
 TIMEOUT_S = float(os.environ.get("DISTNORM_TEST_TIMEOUT", "120"))
-# How long close() waits for each rank to leave after it was told to: destroying the
-# group and interpreter shutdown take well under a second when nothing is wrong.
-EXIT_TIMEOUT_S = 30.0
 # How often run() looks at the ranks' liveness while it waits for their answers.
 _POLL_S = 0.5
 
@@ -79,18 +81,6 @@ class WorkerExitError(RuntimeError):
     """A rank died while serving, or exited non-zero or by a signal at close."""
 
 
-def describe_exit(code: Optional[int]) -> str:
-    """``exit code 1``, ``killed by SIGABRT``, ``still running`` for an exit code."""
-    if code is None:
-        return "still running"
-    if code < 0:
-        try:
-            return f"killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"killed by signal {-code}"
-    return f"exit code {code}"
-
-
 class Pool:
     """``world`` spawned ranks, each with a process group, serving jobs."""
 
@@ -104,12 +94,9 @@ class Pool:
         init_file = os.path.join(self._dir, "init")
         self._inboxes = [ctx.Queue() for _ in range(self.world)]
         self._outbox = ctx.Queue()
-        self._procs = [ctx.Process(target=_worker, daemon=True,
-                                   args=(r, self.world, init_file, self._inboxes[r],
-                                         self._outbox, list(sys.path)))
-                       for r in range(self.world)]
-        for p in self._procs:
-            p.start()
+        self._procs = start_ranks(_worker, self.world,
+                                  lambda r: (r, self.world, init_file, self._inboxes[r],
+                                             self._outbox, list(sys.path)))
 
     def _dead(self) -> List[str]:
         """The ranks that are no longer running, described."""
@@ -162,22 +149,16 @@ class Pool:
     def _stop(self, graceful: bool) -> List[str]:
         """Stop every rank; return those that exited badly (after being told to leave,
         when ``graceful``), described."""
+        bad: List[str] = []
         if graceful:
             for box in self._inboxes:
                 box.put(None)
-            deadline = time.monotonic() + EXIT_TIMEOUT_S
-            for p in self._procs:
-                p.join(timeout=max(deadline - time.monotonic(), 0.1))
-        bad = []
-        for r, p in enumerate(self._procs):
+            # Waits for each rank, kills the late ones, names every bad exit.
+            bad = bad_exits(self._procs, EXIT_TIMEOUT_S)
+        for p in self._procs:
             if p.is_alive():
                 p.kill()
                 p.join(timeout=5)
-                if graceful:
-                    bad.append(f"rank {r} (pid {p.pid}): did not exit within "
-                               f"{EXIT_TIMEOUT_S:g} s of being told to (killed)")
-            elif graceful and p.exitcode != 0:
-                bad.append(f"rank {r} (pid {p.pid}): {describe_exit(p.exitcode)}")
         for box in [*self._inboxes, self._outbox]:
             # The ranks are gone: do not wait to flush what they will never read.
             box.cancel_join_thread()

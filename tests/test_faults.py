@@ -72,6 +72,7 @@ from torch import nn
 
 import distnorm
 from distnorm.errors import NonFiniteError, SyncError
+from distnorm.launch.local import start_ranks
 from distnorm.modules._base import BatchNormBase
 
 # The group timeout of every dedicated fault world, and the bound every case must end in.
@@ -194,14 +195,14 @@ def run_fault(name: str, fn: Callable[..., Any], world: int, *args: Any,
     ctx = _context()
     tmp = tempfile.mkdtemp(prefix="distnorm-fault-")
     reports = ctx.Queue()
-    procs = [ctx.Process(target=_rank_main, daemon=True,
-                         args=(r, world, os.path.join(tmp, "init"), pg_timeout, fn, args, reports))
-             for r in range(world)]
+    procs: List[Any] = []
     results: List[Optional[Dict[str, Any]]] = [None] * world
     start = time.monotonic()
     try:
-        for p in procs:
-            p.start()
+        # The library's process start (the forkserver context preloaded by _context()).
+        procs = start_ranks(_rank_main, world, lambda r: (r, world, os.path.join(tmp, "init"),
+                                                          pg_timeout, fn, args, reports),
+                            start_method="forkserver")
         dead_since: Dict[int, float] = {}
         while any(r is None for r in results) and time.monotonic() - start < timeout:
             try:

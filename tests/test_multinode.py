@@ -192,3 +192,18 @@ def test_launcher_scripts_parse(script):
     path = ROOT / "launchers" / script
     assert os.access(path, os.X_OK), f"{path} is not executable"
     subprocess.run(["bash", "-n", str(path)], check=True, timeout=30)
+
+
+# -- distnorm.launch.local.spawn: results by rank, and every exit judged ---------------
+def _returns_then_aborts_at_exit(rank: int, world: int, value: int) -> int:
+    import atexit
+
+    atexit.register(os.abort)  # as a C++ std::terminate at interpreter shutdown would
+    return value + rank
+
+
+def test_spawn_delivers_the_result_and_fails_an_abort_at_exit():
+    from distnorm.launch.local import SpawnError, spawn
+
+    with pytest.raises(SpawnError, match=r"every rank returned.*rank 0 \(pid \d+\): killed by SIGABRT"):
+        spawn(_returns_then_aborts_at_exit, 1, 41, timeout=120)
