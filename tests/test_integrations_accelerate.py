@@ -24,35 +24,21 @@ from typing import Any, Dict, Iterator, List, Tuple
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 import distnorm
 from distnorm.integrations.accelerate import check_accelerator
+from tests._integration import LR, SHARDS, assert_states_match, batches
+from tests._integration import net as make_net
+from tests._integration import reference_state, shard
 
 if importlib.util.find_spec("accelerate") is None:
     if os.environ.get("CI"):
         raise ImportError("accelerate is part of the dev extra: pip install -e '.[dev]'")
     pytest.skip("accelerate is not installed (pip install -e '.[dev]')", allow_module_level=True)
 
-SHARDS = (3, 5)
-STEPS = 2
-LR = 0.1
-
-
-def _net() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
-        nn.Conv2d(4, 5, 3, padding=1), nn.BatchNorm2d(5),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(5, 3),
-    ).double()
-
 
 def _batches() -> List[Tuple[torch.Tensor, torch.Tensor]]:
-    gen = torch.Generator().manual_seed(4)
-    total = sum(SHARDS)
-    return [(torch.randn(total, 3, 6, 5, generator=gen, dtype=torch.float64) * 1.5 + 0.3,
-             torch.randint(0, 3, (total,), generator=gen)) for _ in range(STEPS)]
+    return batches(seed=4)
 
 
 @contextlib.contextmanager
@@ -80,14 +66,13 @@ def _accelerate_job(rank: int, world: int, mode: str) -> Dict[str, Any]:
     with _torchrun_env(rank, world):
         accelerator = Accelerator(cpu=True)
         check_accelerator(accelerator)
-        model = distnorm.convert_model(_net(), mode=mode)        # before prepare
+        model = distnorm.convert_model(make_net(), mode=mode)        # before prepare
         model, opt = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=LR))
-        start = sum(SHARDS[:rank])
-        for x, y in _batches():
+        for batch in _batches():
+            x, y = shard(batch, rank)
             opt.zero_grad()
-            out = model(x[start:start + SHARDS[rank]])
             # (W / B) · Σ_local ℓ_i: DDP's average is then the global mean's gradient.
-            loss = F.cross_entropy(out, y[start:start + SHARDS[rank]], reduction="sum")
+            loss = F.cross_entropy(model(x), y, reduction="sum")
             accelerator.backward(loss * (world / sum(SHARDS)))
             opt.step()
         net = accelerator.unwrap_model(model)
@@ -110,20 +95,12 @@ def _plain_accelerator_job(rank: int, world: int) -> List[str]:
 @pytest.mark.slow
 def test_accelerator_cpu_trains_like_batch_norm_on_concatenated_batch(world2) -> None:
     results = world2.run(_accelerate_job, "sync")
-    reference = _net().train()
-    opt = torch.optim.SGD(reference.parameters(), lr=LR)
-    for x, y in _batches():
-        opt.zero_grad()
-        F.cross_entropy(reference(x), y).backward()
-        opt.step()
-    expected = reference.state_dict()
-    for rank, result in enumerate(results):
+    expected = reference_state(make_net(), _batches())
+    for result in results:
         assert result["type"] == "MULTI_CPU" and result["processes"] == 2, result["type"]
         assert result["wrapper"] == "DistributedDataParallel"
         assert result["norms"] == ["SyncBatchNorm", "SyncBatchNorm"]
-        for name, value in expected.items():
-            torch.testing.assert_close(result["state"][name], value, rtol=1e-9, atol=1e-11,
-                                       msg=f"rank {rank}: {name} differs from the reference")
+    assert_states_match(results, expected)
 
 
 def test_check_accelerator_refuses_a_single_process_accelerator_in_a_group(world2) -> None:

@@ -21,10 +21,8 @@ import argparse
 import importlib
 import importlib.util
 import os
-import subprocess
-import sys
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Any, Dict, List, Tuple
 
 import pytest
 import torch
@@ -32,44 +30,15 @@ import torch.nn.functional as F
 from torch import nn
 
 import distnorm
+from tests._integration import LR, SHARDS, assert_states_match, batches
+from tests._integration import net as make_net
+from tests._integration import reference_state, shard, torchrun
 
 HAS_LIGHTNING = importlib.util.find_spec("lightning") is not None
-ROOT = Path(__file__).resolve().parents[1]
-SHARDS = (3, 5)     # uneven on purpose: statistics must be count-weighted
-STEPS = 2
-LR = 0.1
-
-
-def _net() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
-        nn.Conv2d(4, 5, 3, padding=1), nn.BatchNorm2d(5),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(5, 3),
-    ).double()
 
 
 def _batches() -> List[Tuple[torch.Tensor, torch.Tensor]]:
-    gen = torch.Generator().manual_seed(1)
-    total = sum(SHARDS)
-    return [(torch.randn(total, 3, 6, 5, generator=gen, dtype=torch.float64) * 1.5 + 0.3,
-             torch.randint(0, 3, (total,), generator=gen)) for _ in range(STEPS)]
-
-
-def _shard(batch: Tuple[torch.Tensor, torch.Tensor], rank: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    start = sum(SHARDS[:rank])
-    return batch[0][start:start + SHARDS[rank]], batch[1][start:start + SHARDS[rank]]
-
-
-def _reference() -> Dict[str, torch.Tensor]:
-    """The unconverted net, one process, the concatenated batch, mean loss."""
-    net = _net().train()
-    opt = torch.optim.SGD(net.parameters(), lr=LR)
-    for x, y in _batches():
-        opt.zero_grad()
-        F.cross_entropy(net(x), y).backward()
-        opt.step()
-    return net.state_dict()
+    return batches(seed=1)
 
 
 def _fit(out: Path, mode: str) -> None:
@@ -85,7 +54,7 @@ def _fit(out: Path, mode: str) -> None:
     class Module(L.LightningModule):
         def __init__(self) -> None:
             super().__init__()
-            self.net = _net()
+            self.net = make_net()
 
         def training_step(self, batch: Tuple[torch.Tensor, torch.Tensor], index: int) -> torch.Tensor:
             seen.setdefault("train", [type(m).__name__ for m in self.net
@@ -98,7 +67,7 @@ def _fit(out: Path, mode: str) -> None:
             return torch.optim.SGD(self.parameters(), lr=LR)
 
     module = Module()
-    loader = DataLoader([_shard(b, rank) for b in _batches()], batch_size=None)
+    loader = DataLoader([shard(b, rank) for b in _batches()], batch_size=None)
     trainer = L.Trainer(strategy="ddp", accelerator="cpu", devices=world, precision="64-true",
                         plugins=[DistnormSync(mode=mode)], max_epochs=1, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False,
@@ -112,29 +81,13 @@ def _fit(out: Path, mode: str) -> None:
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_LIGHTNING, reason="lightning is not installed (pip install -e '.[dev]')")
 def test_trainer_fit_ddp_matches_batch_norm_on_concatenated_batch(tmp_path: Path) -> None:
-    world = len(SHARDS)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={world}", __file__, "--out", str(tmp_path), "--mode", "sync"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, (f"torchrun failed ({proc.returncode}):\n"
-                                  f"{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
-    results = []
-    for rank in range(world):
-        path = tmp_path / f"rank{rank}.pt"
-        assert path.exists(), f"rank {rank} wrote no result:\n{proc.stderr[-4000:]}"
-        results.append(torch.load(path))
+    results = torchrun([__file__, "--out", str(tmp_path), "--mode", "sync"], tmp_path)
 
-    expected = _reference()
-    for rank, result in enumerate(results):
-        # Converted while fitting, reverted to plain BatchNorm afterwards.
+    def converted_then_reverted(result: Dict[str, Any]) -> None:
         assert result["train"] == ["SyncBatchNorm", "SyncBatchNorm"], result["train"]
         assert result["after"] == ["BatchNorm2d", "BatchNorm2d"], result["after"]
-        assert result["state"].keys() == expected.keys()
-        for name, value in expected.items():
-            torch.testing.assert_close(result["state"][name], value, rtol=1e-9, atol=1e-11,
-                                       msg=f"rank {rank}: {name} differs from the reference")
+
+    assert_states_match(results, reference_state(make_net(), _batches()), converted_then_reverted)
 
 
 # -- the plugin without processes ------------------------------------------------------
@@ -147,7 +100,7 @@ needs_lightning = pytest.mark.skipif(not HAS_LIGHTNING, reason="lightning is not
 def test_apply_then_revert_round_trips(mode: str) -> None:
     from distnorm.integrations.lightning import DistnormSync
 
-    net = _net()
+    net = make_net()
     before = {k: v.clone() for k, v in net.state_dict().items()}
     plugin = DistnormSync(mode=mode)
     net = plugin.apply(net)
@@ -167,7 +120,7 @@ def test_apply_then_revert_round_trips(mode: str) -> None:
 def test_options_reach_the_layers_and_are_checked_early() -> None:
     from distnorm.integrations.lightning import DistnormSync
 
-    net = DistnormSync(mode="cbn", window=7).apply(_net())
+    net = DistnormSync(mode="cbn", window=7).apply(make_net())
     assert net[1].window == 7
     with pytest.raises(TypeError, match="window"):
         DistnormSync(mode="sync", window=7)
@@ -205,7 +158,7 @@ def _group_size_job(rank: int, world: int) -> List[int]:
 
     sizes = []
     for group_size in (1, world):   # apply() creates the groups collectively, on every rank
-        net = DistnormSync(mode="sync", group_size=group_size).apply(_net())
+        net = DistnormSync(mode="sync", group_size=group_size).apply(make_net())
         sizes.append(dist.get_world_size(net[1].process_group))
         assert net[4].process_group is net[1].process_group
     return sizes

@@ -47,10 +47,9 @@ from mmengine.hooks import Hook  # noqa: E402
 from mmengine.model import BaseModel  # noqa: E402
 
 from distnorm.integrations import openmmlab  # noqa: E402
+from tests._integration import LR, SHARDS, assert_states_match, batches  # noqa: E402
+from tests._integration import reference_state  # noqa: E402
 
-SHARDS = (3, 5)
-STEPS = 2
-LR = 0.1
 _RUNS = itertools.count()
 
 
@@ -88,10 +87,7 @@ class _Capture(Hook):
 
 
 def _batches() -> List[Tuple[torch.Tensor, torch.Tensor]]:
-    gen = torch.Generator().manual_seed(1)
-    total = sum(SHARDS)
-    return [(torch.randn(total, 3, 6, 5, generator=gen, dtype=torch.float64) * 1.5 + 0.3,
-             torch.randint(0, 3, (total,), generator=gen)) for _ in range(STEPS)]
+    return batches(seed=1)
 
 
 def _runner_job(rank: int, world: int, work_dir: str, norm_type: str, wrapper: str,
@@ -135,12 +131,7 @@ def _runner_job(rank: int, world: int, work_dir: str, norm_type: str, wrapper: s
 def _reference(init: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     net = _Net(dict(type="BN"))
     net.load_state_dict(init)
-    opt = torch.optim.SGD(net.parameters(), lr=LR)
-    for x, y in _batches():
-        opt.zero_grad()
-        F.cross_entropy(net(x), y).backward()
-        opt.step()
-    return net.state_dict()
+    return reference_state(net, _batches())
 
 
 @pytest.mark.slow
@@ -156,13 +147,10 @@ def test_runner_trains_like_batch_norm_on_concatenated_batch(world2, norm_type: 
     for key in results[0]["init"]:   # DDP broadcast rank 0's weights
         assert torch.equal(results[0]["init"][key], results[1]["init"][key]), key
     expected = _reference(results[0]["init"])
-    for rank, result in enumerate(results):
+    for result in results:
         assert result["norms_in_training"] == ["SyncBatchNorm", "SyncBatchNorm"]
         assert result["wrapper"] == wrapper
-        assert result["state"].keys() == expected.keys()
-        for name, value in expected.items():
-            torch.testing.assert_close(result["state"][name], value, rtol=1e-9, atol=1e-11,
-                                       msg=f"rank {rank}: {name} differs from the reference")
+    assert_states_match(results, expected)
 
 
 # -- registration, without processes ---------------------------------------------------

@@ -18,10 +18,9 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
-import subprocess
 import sys
 from pathlib import Path
-from typing import List, Tuple
+from typing import Any, Dict, List, Tuple
 
 import pytest
 import torch
@@ -39,11 +38,10 @@ if importlib.util.find_spec("timm") is None:
 from timm.layers import convert_sync_batchnorm  # noqa: E402
 
 from distnorm.integrations import timm_train  # noqa: E402
+from tests._integration import SHARDS, assert_states_match, batches  # noqa: E402
+from tests._integration import reference_state, torchrun  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 MODEL = "mobilenetv3_small_050"
-SHARDS = (3, 5)
-STEPS = 2
 LR = 0.05
 CLASSES = 5
 
@@ -56,10 +54,7 @@ def _create() -> nn.Module:
 
 
 def _batches() -> List[Tuple[torch.Tensor, torch.Tensor]]:
-    gen = torch.Generator().manual_seed(2)
-    total = sum(SHARDS)
-    return [(torch.randn(total, 3, 32, 32, generator=gen, dtype=torch.float64),
-             torch.randint(0, CLASSES, (total,), generator=gen)) for _ in range(STEPS)]
+    return batches(seed=2, size=(3, 32, 32), classes=CLASSES, scale=1.0, offset=0.0)
 
 
 def _norm_types(model: nn.Module) -> List[str]:
@@ -94,38 +89,16 @@ def _train(args: argparse.Namespace) -> None:
 
 @pytest.mark.slow
 def test_timm_train_wrapper_matches_batch_norm_on_concatenated_batch(tmp_path: Path) -> None:
-    world = len(SHARDS)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={world}", "-m", "distnorm.integrations.timm_train",
-           "--mode", "sync", __file__, "--sync-bn", "--out", str(tmp_path)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, (f"torchrun failed ({proc.returncode}):\n"
-                                  f"{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
-    results = []
-    for rank in range(world):
-        path = tmp_path / f"rank{rank}.pt"
-        assert path.exists(), f"rank {rank} wrote no result:\n{proc.stderr[-4000:]}"
-        results.append(torch.load(path))
-
-    reference = _create().train()
+    results = torchrun(["-m", "distnorm.integrations.timm_train", "--mode", "sync", __file__,
+                        "--sync-bn", "--out", str(tmp_path)], tmp_path)
+    reference = _create()
     assert _norm_types(reference) == ["BatchNormAct2d"]   # every norm: timm's BN + activation
-    opt = torch.optim.SGD(reference.parameters(), lr=LR)
-    for x, y in _batches():
-        opt.zero_grad()
-        F.cross_entropy(reference(x), y).backward()
-        opt.step()
-    expected = reference.state_dict()
-    for rank, result in enumerate(results):
+
+    def converted(result: Dict[str, Any]) -> None:
         assert result["types"] == ["SyncBatchNorm"], result["types"]
-        assert result["state"].keys() == expected.keys()
-        for name, value in expected.items():
-            torch.testing.assert_close(result["state"][name], value, rtol=1e-9, atol=1e-11,
-                                       msg=f"rank {rank}: {name} differs from the reference")
 
+    assert_states_match(results, reference_state(reference, _batches(), lr=LR), converted)
 
-# -- the swap itself, in this process ---------------------------------------------------
 
 def test_use_distnorm_swaps_and_restores_both_converters() -> None:
     import timm.layers
