@@ -23,7 +23,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Case", "machine_info", "run_ranks", "summarize", "time_interleaved"]
+__all__ = ["Case", "distnorm_provenance", "machine_info", "provenance_lines", "run_ranks", "summarize",
+           "time_interleaved"]
 
 
 # -- spawning ranks ----------------------------------------------------------------------
@@ -166,6 +167,39 @@ def summarize(per_rank: Sequence[Mapping[str, Mapping[str, list[float]]]]) -> di
             out[case][lap] = {"median_ms": statistics.median(worst), "q1_ms": q[0],
                               "q3_ms": q[2], "reps": len(worst)}
     return out
+
+
+def distnorm_provenance(paths: Sequence[str] = ("distnorm",)) -> dict[str, Any]:
+    """Which distnorm was measured: its file, its version, the git commit of its
+    checkout and whether ``paths`` (relative to the checkout) differ from it.
+
+    The one provenance helper of the benchmarks. Outside a git checkout (an
+    installed copy, or a ``git archive`` snapshot) the commit comes from
+    ``DISTNORM_BENCH_COMMIT`` when it is set, else it is left out.
+
+    Returns:
+        ``distnorm_file``, ``distnorm_version`` and, when known, ``git_head`` (the full
+        hash) and ``distnorm_uncommitted_changes``.
+    """
+    import distnorm
+
+    info: dict[str, Any] = {"distnorm_file": distnorm.__file__,
+                            "distnorm_version": getattr(distnorm, "__version__", None)}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(distnorm.__file__)))
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                              text=True, timeout=10, check=False)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", *paths], cwd=root,
+                               capture_output=True, text=True, timeout=10, check=False)
+        if head.returncode == 0:
+            info["git_head"] = head.stdout.strip()
+            info["distnorm_uncommitted_changes"] = bool(dirty.stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        pass
+    if os.environ.get("DISTNORM_BENCH_COMMIT"):  # a snapshot outside the repository (git archive)
+        info["git_head"] = os.environ["DISTNORM_BENCH_COMMIT"]
+        info["distnorm_uncommitted_changes"] = False
+    return info
 
 
 def provenance_lines(meta: dict, results: list) -> list:

@@ -80,7 +80,7 @@ from typing import Any
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from _common import machine_info, run_ranks
+from _common import distnorm_provenance, machine_info, run_ranks
 
 DEFAULT_OUT = os.path.join(HERE, "results")
 ANIMAL_MNIST_PIN = "animal-mnist==0.4"
@@ -728,18 +728,10 @@ def plot(runs: dict[str, Any], cfg: dict[str, Any], out_dir: str) -> None:
 
 def git_revision() -> str:
     """HEAD of the checkout, with "+dirty" when distnorm/ or this script differ from it."""
-    import subprocess
-
-    root = os.path.dirname(HERE)
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
-                              text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "distnorm", "benchmarks/accuracy.py"],
-                               cwd=root, capture_output=True, text=True, timeout=10,
-                               check=False).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
+    info = distnorm_provenance(("distnorm", "benchmarks/accuracy.py"))
+    if "git_head" not in info:
         return "unknown"
-    return head + ("+dirty" if dirty else "")
+    return info["git_head"][:7] + ("+dirty" if info["distnorm_uncommitted_changes"] else "")
 
 
 def main(argv: list[str] | None = None) -> int:

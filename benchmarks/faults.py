@@ -2,8 +2,8 @@
 
 Runs the very scenarios of ``tests/test_faults.py`` and ``tests/test_reliability.py``
 (their ``fault_*`` functions and workers), each on fresh gloo ranks forked for the
-case (group timeout ``PG_TIMEOUT_S`` = 10 s), and records per fault what distnorm
-did, the time from the start of the faulty step to the error on the last rank that
+case by :func:`distnorm.launch.faults.run_fault` (group timeout ``PG_TIMEOUT_S`` =
+10 s), and records per fault what distnorm did, the time from the start of the faulty step to the error on the last rank that
 raised, and the message (rank 0's, or the first rank that raised). The rows that are
 no error (empty batches, fp16, large offsets, checkpoints, uneven inputs under
 ``Join``, compiled models, activation checkpointing) are run too and report what was
@@ -24,7 +24,6 @@ import argparse
 import json
 import math
 import os
-import subprocess
 import sys
 import tempfile
 from typing import Any, Dict, List, Optional, Sequence
@@ -36,7 +35,10 @@ sys.path[:0] = [HERE, ROOT]
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from _common import machine_info  # noqa: E402
+from _common import distnorm_provenance, machine_info  # noqa: E402
+
+from distnorm.launch.faults import PG_TIMEOUT_S, FaultRun, run_fault  # noqa: E402
+# The scenarios (fault_* functions and their workers) are still the tests' own.
 from tests import test_faults as tf  # noqa: E402
 from tests import test_reliability as tr  # noqa: E402
 
@@ -44,26 +46,11 @@ DEFAULT_OUT = os.path.join(HERE, "results")
 MESSAGE_CHARS = 160
 
 
-def _provenance() -> Dict[str, Any]:
-    info: Dict[str, Any] = {}
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "distnorm"], cwd=ROOT,
-                               capture_output=True, text=True, timeout=10)
-        if head.returncode == 0:
-            info["git_head"] = head.stdout.strip()
-            info["distnorm_uncommitted_changes"] = bool(dirty.stdout.strip())
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return info
-
-
-def _ranks_that(run: tf.FaultRun, status: str) -> List[int]:
+def _ranks_that(run: FaultRun, status: str) -> List[int]:
     return [r for r, res in enumerate(run.results) if res["status"] == status]
 
 
-def _error_row(row: str, fault: str, run: tf.FaultRun, how: str) -> Dict[str, Any]:
+def _error_row(row: str, fault: str, run: FaultRun, how: str) -> Dict[str, Any]:
     """A row whose fault should end in an error: what each rank did, timed."""
     raised = run.raised()
     kinds = sorted({run.results[r]["type"] for r in raised})
@@ -91,7 +78,7 @@ def _error_row(row: str, fault: str, run: tf.FaultRun, how: str) -> Dict[str, An
             "processes_left": run.alive_after, "hung": bool(hung)}
 
 
-def _plain_row(row: str, fault: str, does: str, run: tf.FaultRun, ok: bool,
+def _plain_row(row: str, fault: str, does: str, run: FaultRun, ok: bool,
                detail: Dict[str, Any]) -> Dict[str, Any]:
     """A row that is no error: what was checked, and whether it held."""
     failed = [r for r, res in enumerate(run.results) if res["status"] != "ok"]
@@ -107,7 +94,7 @@ def _plain_row(row: str, fault: str, does: str, run: tf.FaultRun, ok: bool,
 # -- the rows that are no error ---------------------------------------------------------
 def _row5(mode: str) -> Dict[str, Any]:
     case = tf._empty_case()
-    run = tf.run_fault("row 5", tf._w_empty, 2, mode, tf.BN_EQUIVALENT.get(mode, {}), case)
+    run = run_fault("row 5", tf._w_empty, 2, mode, tf.BN_EQUIVALENT.get(mode, {}), case)
     ok = True
     if all(res["status"] == "ok" for res in run.results):
         for s, sizes in enumerate(tf.EMPTY_SIZES):
@@ -129,7 +116,7 @@ def _row5(mode: str) -> Dict[str, Any]:
 
 def _row8(mode: str) -> Dict[str, Any]:
     shards = tf._fp16_case()
-    run = tf.run_fault("row 8", tf._w_fp16, 2, mode, tf.BN_EQUIVALENT.get(mode, {}), shards)
+    run = run_fault("row 8", tf._w_fp16, 2, mode, tf.BN_EQUIVALENT.get(mode, {}), shards)
     x64 = torch.cat(shards).double()
     var64 = x64.var((0, 2, 3), unbiased=False)
     detail: Dict[str, Any] = {}
@@ -149,7 +136,7 @@ def _row8(mode: str) -> Dict[str, Any]:
 def _row9(mode: str) -> Dict[str, Any]:
     modes = [mode] if mode in tf.BN_EQUIVALENT else []
     cases = [tf._offset_shards(m, s) for m, s in tf.OFFSETS]
-    run = tf.run_fault("row 9", tf._w_offsets, 2, modes, cases)
+    run = run_fault("row 9", tf._w_offsets, 2, modes, cases)
     detail: Dict[str, Any] = {}
     ok = bool(modes)
     if modes and all(res["status"] == "ok" for res in run.results):
@@ -176,7 +163,7 @@ def _row9(mode: str) -> Dict[str, Any]:
 
 def _row10(mode: str) -> Dict[str, Any]:
     with tempfile.TemporaryDirectory() as directory:
-        run = tf.run_fault("row 10", tf._w_resume, 2, mode, directory)
+        run = run_fault("row 10", tf._w_resume, 2, mode, directory)
         ok = True
         if all(res["status"] == "ok" for res in run.results):
             for r in range(2):
@@ -184,7 +171,7 @@ def _row10(mode: str) -> Dict[str, Any]:
                 ok &= torch.equal(out["y_straight"], out["y_resumed"])
                 ok &= all(torch.equal(v, out["resumed"][k]) for k, v in out["straight"].items())
         modes = ["bn"] + [m for m in tf.SYNCED if m in ("sync", "brn", "cmbn", "cbn")]
-        cross = tf.run_fault("row 10 cross", tf._w_cross_variant, 2, modes, directory)
+        cross = run_fault("row 10 cross", tf._w_cross_variant, 2, modes, directory)
         if all(res["status"] == "ok" for res in cross.results):
             for r in range(2):
                 ok &= all(v == {"same_eval": True, "finite": True, "missing": []}
@@ -217,13 +204,13 @@ def collect(mode: str) -> List[Dict[str, Any]]:
     if mode == "sync":
         rows.append(_error_row("1", "branch skipped on rank 1 (first step), layers built as "
                                "distnorm.SyncBatchNorm(...) without convert_model, forward only",
-                               tf.run_fault("row 1 direct", tf._w_direct_skip, 2),
+                               run_fault("row 1 direct", tf._w_direct_skip, 2),
                                "header check; unnamed layers are told apart by their creation "
                                "order"))
     rows.append(_error_row("2", "synced layers called in another order on rank 1",
                            tf.fault_call_order(mode), header))
     rows.append(_error_row("3", "rank 1 in eval mode, rank 0 trains", tf.fault_eval_rank(mode),
-                           f"the group's timeout ({tf.PG_TIMEOUT_S:g} s); eval makes no collective"))
+                           f"the group's timeout ({PG_TIMEOUT_S:g} s); eval makes no collective"))
     rows.append(_error_row("4", "4 channels on rank 0, 6 on rank 1 (same layer)",
                            tf.fault_channels(mode), header + " (payload sizes listed)"))
     rows.append(_row5(mode))
@@ -259,7 +246,7 @@ def reliability_rows(mode: str) -> List[Dict[str, Any]]:
     rows.append(_error_row("12", f"rank 1 in eval mode, DISTNORM_TIMEOUT={tr.DEADLINE_S:g}",
                            tr.fault_eval_rank_deadline(),
                            f"distnorm's deadline ({tr.DEADLINE_S:g} s), not the group's timeout "
-                           f"({tf.PG_TIMEOUT_S:g} s)"))
+                           f"({PG_TIMEOUT_S:g} s)"))
     rows.append(_error_row("12", "rank 1 has one batch fewer than rank 0, no Join (deadline "
                            f"{tr.DEADLINE_S:g} s)", tr.fault_uneven_without_join(),
                            "the last step has no partner: distnorm's deadline; the message "
@@ -304,7 +291,7 @@ def _join_row(mode: str, counts: Sequence[int], skip: Optional[Dict[int, int]]) 
 def _compiled_row(policy: str, fullgraph: bool) -> Dict[str, Any]:
     how = "torch.compile(model, fullgraph=True) of a converted layer" if fullgraph \
         else "torch.compile(model)"
-    run = tf.run_fault(f"row 15 {policy}", tr._w_compiled_nonfinite, 2, policy, fullgraph,
+    run = run_fault(f"row 15 {policy}", tr._w_compiled_nonfinite, 2, policy, fullgraph,
                        timeout=600)
     ok, detail = True, {}
     if all(res["status"] == "ok" for res in run.results):
@@ -321,7 +308,7 @@ def _compiled_row(policy: str, fullgraph: bool) -> Dict[str, Any]:
 
 
 def _checkpoint_row() -> Dict[str, Any]:
-    run = tf.run_fault("row 16", tr._w_checkpointed, 2)
+    run = run_fault("row 16", tr._w_checkpointed, 2)
     ok, detail = True, {}
     if all(res["status"] == "ok" for res in run.results):
         detail["max_abs_diff"] = tr.checkpoint_difference([run.value(r) for r in range(2)])
@@ -335,7 +322,7 @@ def _checkpoint_row() -> Dict[str, Any]:
                       run, ok, detail)
 
 
-def _nonfinite_as_fault(mode: str) -> tf.FaultRun:
+def _nonfinite_as_fault(mode: str) -> FaultRun:
     """Row 7 catches its NonFiniteError to show the run goes on; present it as raised."""
     run = tf.fault_nonfinite(mode)
     for res in run.results:
@@ -350,7 +337,7 @@ def _nonfinite_as_fault(mode: str) -> tf.FaultRun:
 def _skip_row(mode: str) -> Dict[str, Any]:
     shards, grads, healthy, ref, ref_y, ref_grad = tf._skip_case()
     options = tf.BN_EQUIVALENT.get(mode, {})
-    run = tf.run_fault("row 7 skip", tf._w_nonfinite_skip, 3, mode, options, shards, grads)
+    run = run_fault("row 7 skip", tf._w_nonfinite_skip, 3, mode, options, shards, grads)
     detail: Dict[str, Any] = {}
     ok = True
     if all(res["status"] == "ok" for res in run.results):
@@ -372,7 +359,7 @@ def _cell(text: str) -> str:
 
 def markdown(rows: Sequence[Dict[str, Any]], meta: Dict[str, Any]) -> str:
     lines = [f"# The fault matrix (issues 10 and 17), measured — `{meta['mode']}`", "",
-             f"W = 2 gloo ranks on CPU (3 for rows 6, 7 and the first of 13), group timeout {tf.PG_TIMEOUT_S:g} s; "
+             f"W = 2 gloo ranks on CPU (3 for rows 6, 7 and the first of 13), group timeout {PG_TIMEOUT_S:g} s; "
              f"torch {meta['torch']}, {meta['cpu_count']} CPUs, load {meta['loadavg_at_start'][0]:.1f} "
              f"at start, {meta['date']}. Time to error: from the start of the faulty step to the "
              "error on the last rank that raised. Message: the first rank that raised, first "
@@ -397,7 +384,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--mode", default="sync", choices=tf.SYNCED, help="synced variant (default sync)")
     parser.add_argument("--out", default=DEFAULT_OUT, help="results folder (default: benchmarks/results)")
     args = parser.parse_args(argv)
-    meta = dict(machine_info(), **_provenance(), mode=args.mode, pg_timeout_s=tf.PG_TIMEOUT_S)
+    meta = dict(machine_info(), **distnorm_provenance(), mode=args.mode, pg_timeout_s=PG_TIMEOUT_S)
     rows = collect(args.mode)
     os.makedirs(args.out, exist_ok=True)
     md = markdown(rows, meta)

@@ -60,7 +60,8 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import Case, machine_info, provenance_lines, run_ranks, summarize, time_interleaved
+from _common import (Case, distnorm_provenance, machine_info, provenance_lines, run_ranks, summarize,  # noqa: F401
+                     time_interleaved)
 
 Shape = tuple[int, int, int, int]
 
@@ -86,31 +87,6 @@ DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"
 
 
 # -- implementations --------------------------------------------------------------------
-
-def distnorm_provenance() -> dict[str, Any]:
-    """Which distnorm was measured: its path, the git commit, and uncommitted changes."""
-    import subprocess
-
-    import distnorm
-
-    info: dict[str, Any] = {"distnorm_file": distnorm.__file__,
-                            "distnorm_version": getattr(distnorm, "__version__", None)}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(distnorm.__file__)))
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
-                              text=True, timeout=10, check=False)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "distnorm"], cwd=root,
-                               capture_output=True, text=True, timeout=10, check=False)
-        if head.returncode == 0:
-            info["git_head"] = head.stdout.strip()
-            info["distnorm_uncommitted_changes"] = bool(dirty.stdout.strip())
-    except (OSError, subprocess.SubprocessError):
-        pass
-    if os.environ.get("DISTNORM_BENCH_COMMIT"):  # a snapshot outside the repository (git archive)
-        info["git_head"] = os.environ["DISTNORM_BENCH_COMMIT"]
-        info["distnorm_uncommitted_changes"] = False
-    return info
-
 
 def fairscale_available() -> bool:
     try:

@@ -60,14 +60,13 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import Case, machine_info, provenance_lines, run_ranks, summarize, time_interleaved
+from _common import Case, distnorm_provenance, machine_info, provenance_lines, run_ranks, summarize, time_interleaved
 from layer import (
     FAIRSCALE_HINT,
     _fairscale_cls,
     _quiet,
     _replay,
     count_collectives,
-    distnorm_provenance,
     eager_kernels,
     fairscale_available,
 )
