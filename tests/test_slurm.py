@@ -158,7 +158,7 @@ def _clean_env(monkeypatch, extra: Dict[str, str]) -> None:
         monkeypatch.setenv(k, v)
 
 
-def test_init_distributed_from_faked_slurm_task(monkeypatch):
+def test_init_from_env_in_a_faked_slurm_task(monkeypatch):
     import torch.distributed as dist
 
     if dist.is_initialized():
@@ -166,7 +166,7 @@ def test_init_distributed_from_faked_slurm_task(monkeypatch):
     from distnorm.distributed.launch import free_port
 
     _clean_env(monkeypatch, _one_task_env(free_port()))
-    info = slurm.init_distributed("gloo", timeout_s=30)
+    info = slurm.init_from_env("gloo", timeout=30)
     try:
         assert (info.rank, info.world_size, dist.get_backend()) == (0, 1, "gloo")
         assert os.environ["RANK"] == "0" and os.environ["MASTER_ADDR"] == "localhost"
@@ -174,7 +174,7 @@ def test_init_distributed_from_faked_slurm_task(monkeypatch):
         dist.destroy_process_group()
 
 
-def test_init_distributed_keeps_torchrun_variables(monkeypatch):
+def test_init_from_env_keeps_torchrun_variables(monkeypatch):
     """Under `srun torchrun` workers hold torchrun's RANK; SLURM_PROCID counts nodes."""
     import torch.distributed as dist
 
@@ -185,16 +185,23 @@ def test_init_distributed_keeps_torchrun_variables(monkeypatch):
     env = dict(fake_env(SLURM_PROCID="1"), RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                MASTER_PORT=str(free_port()))
     _clean_env(monkeypatch, env)
-    info = slurm.init_distributed("gloo", timeout_s=30)
+    info = slurm.init_from_env("gloo", timeout=30)
     try:
         assert (info.rank, info.world_size) == (0, 1)
     finally:
         dist.destroy_process_group()
 
 
-def test_init_distributed_without_any_launcher(monkeypatch):
+def test_init_from_env_without_any_launcher(monkeypatch):
     _clean_env(monkeypatch, {})
-    with pytest.raises(SlurmEnvironmentError, match="MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE not set .*srun"):
+    with pytest.raises(slurm.RendezvousError, match=r"(?s)RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT not set.*srun"):
+        slurm.init_from_env()
+
+
+def test_init_distributed_is_a_deprecated_alias(monkeypatch):
+    _clean_env(monkeypatch, {})
+    with pytest.deprecated_call(match="init_from_env"), \
+            pytest.raises(SlurmEnvironmentError, match="MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE not set .*srun"):
         slurm.init_distributed()
 
 

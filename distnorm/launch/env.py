@@ -90,7 +90,7 @@ _HOW_TO_LAUNCH = (
     "start the script with a launcher that sets them, e.g.\n"
     "  torchrun --standalone --nproc_per_node=2 SCRIPT ...          (one machine)\n"
     "  launchers/torchrun_multi_node.sh SCRIPT ...                   (several machines)\n"
-    "  srun python SCRIPT ...     (a Slurm task: its SLURM_* variables are mapped)\n"
+    "  srun python SCRIPT ...                                        (Slurm tasks: init_from_env maps SLURM_*)\n"
     "or set RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT yourself")
 
 
