@@ -66,7 +66,6 @@ import json
 import math
 import os
 import re
-import socket
 import statistics
 import subprocess
 import sys
@@ -82,8 +81,8 @@ from typing import Any
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from _common import Case, machine_info, summarize, time_interleaved  # noqa: E402
-from layer import count_collectives, distnorm_provenance  # noqa: E402
+from _common import Case, distnorm_provenance, machine_info, summarize, time_interleaved  # noqa: E402
+from layer import count_collectives  # noqa: E402
 from model import MOMENTUM, NUM_CLASSES  # noqa: E402
 
 DEFAULT_OUT = os.path.join(HERE, "results")
@@ -234,7 +233,9 @@ class Device:
             self.device = torch.device("cpu")
             self.name = "cpu"
             backend = "gloo"
-        init = f"tcp://127.0.0.1:{_free_port()}"
+        from distnorm.launch.local import free_port
+
+        init = f"tcp://127.0.0.1:{free_port()}"
         kwargs: dict[str, Any] = {"device_id": self.device} if self.cuda else {}
         try:
             dist.init_process_group(backend, init_method=init, rank=0, world_size=1, **kwargs)
@@ -293,12 +294,6 @@ class Device:
 
         if dist.is_initialized():
             dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _dtype(key: str) -> tuple[Any, Any]:

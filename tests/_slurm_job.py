@@ -64,10 +64,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
-    from distnorm.launch.slurm import init_distributed
+    from distnorm.launch.env import init_from_env
 
     torch.set_num_threads(1)
-    init_distributed(timeout_s=120)
+    init_from_env(timeout=120)
     try:
         print(bn_job(args.out), flush=True)
     finally:
