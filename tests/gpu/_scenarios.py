@@ -331,6 +331,30 @@ def nonfinite_on_cuda() -> Dict[str, Any]:
     return out
 
 
+@scenario
+def pickle_mid_training() -> Dict[str, Any]:
+    """torch.save, copy.deepcopy and torch.load of a whole converted model on CUDA right
+    after a training step (deferred checks still in flight), and the copies train on."""
+    import io
+
+    model = distnorm.convert_model(resnet(18))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x = torch.randn(2, 3, 64, 64, device="cuda")
+    target = torch.tensor([1, 3], device="cuda")
+    with forced_sync():
+        for _ in range(2):
+            sgd_step(model, opt, x, target)      # no synchronize: checks in flight
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        clone = copy.deepcopy(model)
+        buffer.seek(0)
+        loaded = torch.load(buffer, weights_only=False)
+        for copy_ in (clone, loaded):
+            sgd_step(copy_, torch.optim.SGD(copy_.parameters(), lr=0.01), x, target)
+        torch.cuda.synchronize()
+    return {"ok": True}
+
+
 def main(argv: List[str]) -> int:
     name = argv[0]
     init_one_rank_nccl()

@@ -163,7 +163,8 @@ def test_nccl_one_rank_parity_of_every_variant():
 
 
 @pytest.mark.parametrize("name", ["host_syncs", "graph_capture", "empty_batch_under_capture",
-                                  "compiled", "peak_memory", "nonfinite_on_cuda"])
+                                  "compiled", "peak_memory", "nonfinite_on_cuda",
+                                  "pickle_mid_training"])
 def test_scenario(name):
     _run_scenario(name)
 
