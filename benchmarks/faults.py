@@ -1,7 +1,8 @@
 """The fault matrix (issues 10 and 17), measured: each fault once, the time to the error.
 
-Runs the very scenarios of ``tests/test_faults.py`` and ``tests/test_reliability.py``
-(their ``fault_*`` functions and workers), each on fresh gloo ranks forked for the
+Runs the very scenarios that ``tests/test_faults.py`` and ``tests/test_reliability.py``
+assert on (the ``fault_*`` functions and workers of
+:mod:`distnorm.launch.fault_scenarios`), each on fresh gloo ranks forked for the
 case by :func:`distnorm.launch.faults.run_fault` (group timeout ``PG_TIMEOUT_S`` =
 10 s), and records per fault what distnorm did, the time from the start of the faulty step to the error on the last rank that
 raised, and the message (rank 0's, or the first rank that raised). The rows that are
@@ -37,10 +38,10 @@ from torch import nn  # noqa: E402
 
 from _common import distnorm_provenance, machine_info  # noqa: E402
 
+# The scenarios (fault_* functions, their workers and data) are the library's, shared
+# with the tests: rows 1-10 (tests/test_faults.py) and 11-16 (tests/test_reliability.py).
+from distnorm.launch import fault_scenarios as fs  # noqa: E402
 from distnorm.launch.faults import PG_TIMEOUT_S, FaultRun, run_fault  # noqa: E402
-# The scenarios (fault_* functions and their workers) are still the tests' own.
-from tests import test_faults as tf  # noqa: E402
-from tests import test_reliability as tr  # noqa: E402
 
 DEFAULT_OUT = os.path.join(HERE, "results")
 MESSAGE_CHARS = 160
@@ -93,11 +94,11 @@ def _plain_row(row: str, fault: str, does: str, run: FaultRun, ok: bool,
 
 # -- the rows that are no error ---------------------------------------------------------
 def _row5(mode: str) -> Dict[str, Any]:
-    case = tf._empty_case()
-    run = run_fault("row 5", tf._w_empty, 2, mode, tf.BN_EQUIVALENT.get(mode, {}), case)
+    case = fs._empty_case()
+    run = run_fault("row 5", fs._w_empty, 2, mode, fs.BN_EQUIVALENT.get(mode, {}), case)
     ok = True
     if all(res["status"] == "ok" for res in run.results):
-        for s, sizes in enumerate(tf.EMPTY_SIZES):
+        for s, sizes in enumerate(fs.EMPTY_SIZES):
             for r in range(2):
                 out = run.value(r)[s]
                 ok &= out["y"].shape[0] == sizes[r] and bool(torch.isfinite(out["y"]).all())
@@ -108,15 +109,15 @@ def _row5(mode: str) -> Dict[str, Any]:
                         ok &= all(torch.equal(out[k], prev[k])
                                   for k in ("running_mean", "running_var", "nbt"))
     return _plain_row("5", "empty batch on every rank / on some ranks (batch sizes per step "
-                      f"{tf.EMPTY_SIZES})",
+                      f"{fs.EMPTY_SIZES})",
                       "no error, no hang: empty output, zero parameter gradients and running "
                       "statistics untouched (bit for bit) when every rank is empty; BatchNorm of "
                       "the concatenated batch when some are", run, ok, {})
 
 
 def _row8(mode: str) -> Dict[str, Any]:
-    shards = tf._fp16_case()
-    run = run_fault("row 8", tf._w_fp16, 2, mode, tf.BN_EQUIVALENT.get(mode, {}), shards)
+    shards = fs._fp16_case()
+    run = run_fault("row 8", fs._w_fp16, 2, mode, fs.BN_EQUIVALENT.get(mode, {}), shards)
     x64 = torch.cat(shards).double()
     var64 = x64.var((0, 2, 3), unbiased=False)
     detail: Dict[str, Any] = {}
@@ -134,13 +135,13 @@ def _row8(mode: str) -> Dict[str, Any]:
 
 
 def _row9(mode: str) -> Dict[str, Any]:
-    modes = [mode] if mode in tf.BN_EQUIVALENT else []
-    cases = [tf._offset_shards(m, s) for m, s in tf.OFFSETS]
-    run = run_fault("row 9", tf._w_offsets, 2, modes, cases)
+    modes = [mode] if mode in fs.BN_EQUIVALENT else []
+    cases = [fs._offset_shards(m, s) for m, s in fs.OFFSETS]
+    run = run_fault("row 9", fs._w_offsets, 2, modes, cases)
     detail: Dict[str, Any] = {}
     ok = bool(modes)
     if modes and all(res["status"] == "ok" for res in run.results):
-        for c, ((mean, std), shards) in enumerate(zip(tf.OFFSETS, cases)):
+        for c, ((mean, std), shards) in enumerate(zip(fs.OFFSETS, cases)):
             x32 = torch.cat(shards)
             x64 = x32.double()
             var64 = x64.var((0, 2, 3), unbiased=True)
@@ -163,15 +164,15 @@ def _row9(mode: str) -> Dict[str, Any]:
 
 def _row10(mode: str) -> Dict[str, Any]:
     with tempfile.TemporaryDirectory() as directory:
-        run = run_fault("row 10", tf._w_resume, 2, mode, directory)
+        run = run_fault("row 10", fs._w_resume, 2, mode, directory)
         ok = True
         if all(res["status"] == "ok" for res in run.results):
             for r in range(2):
                 out = run.value(r)
                 ok &= torch.equal(out["y_straight"], out["y_resumed"])
                 ok &= all(torch.equal(v, out["resumed"][k]) for k, v in out["straight"].items())
-        modes = ["bn"] + [m for m in tf.SYNCED if m in ("sync", "brn", "cmbn", "cbn")]
-        cross = run_fault("row 10 cross", tf._w_cross_variant, 2, modes, directory)
+        modes = ["bn"] + [m for m in fs.SYNCED if m in ("sync", "brn", "cmbn", "cbn")]
+        cross = run_fault("row 10 cross", fs._w_cross_variant, 2, modes, directory)
         if all(res["status"] == "ok" for res in cross.results):
             for r in range(2):
                 ok &= all(v == {"same_eval": True, "finite": True, "missing": []}
@@ -190,32 +191,32 @@ def collect(mode: str) -> List[Dict[str, Any]]:
     rows: List[Dict[str, Any]] = []
     header = "header check, first call of each layer and direction"
     rows.append(_error_row("1", "a branch with a synced layer skipped on rank 1 (first step)",
-                           tf.fault_skip_first(mode), header))
+                           fs.fault_skip_first(mode), header))
     rows.append(_error_row("1", "early exit on rank 1 (fewer synced calls, first step)",
-                           tf.fault_early_exit(mode), header))
+                           fs.fault_early_exit(mode), header))
     rows.append(_error_row("1", "branch skipped on rank 1 at step 3, equal payload sizes",
-                           tf.fault_skip_later(mode), "tag/counter guard in the payload"))
+                           fs.fault_skip_later(mode), "tag/counter guard in the payload"))
     rows.append(_error_row("1", "branch skipped on rank 1 at step 3, payload sizes differ",
-                           tf.fault_skip_later(mode, head_channels=6),
+                           fs.fault_skip_later(mode, head_channels=6),
                            "one packet size per group (no gloo abort), then the guard"))
     rows.append(_error_row("1", "same, with DISTNORM_DEBUG=1",
-                           tf.fault_skip_later(mode, debug=True, head_channels=6),
+                           fs.fault_skip_later(mode, debug=True, head_channels=6),
                            "header check at every call"))
     if mode == "sync":
         rows.append(_error_row("1", "branch skipped on rank 1 (first step), layers built as "
                                "distnorm.SyncBatchNorm(...) without convert_model, forward only",
-                               run_fault("row 1 direct", tf._w_direct_skip, 2),
+                               run_fault("row 1 direct", fs._w_direct_skip, 2),
                                "header check; unnamed layers are told apart by their creation "
                                "order"))
     rows.append(_error_row("2", "synced layers called in another order on rank 1",
-                           tf.fault_call_order(mode), header))
-    rows.append(_error_row("3", "rank 1 in eval mode, rank 0 trains", tf.fault_eval_rank(mode),
+                           fs.fault_call_order(mode), header))
+    rows.append(_error_row("3", "rank 1 in eval mode, rank 0 trains", fs.fault_eval_rank(mode),
                            f"the group's timeout ({PG_TIMEOUT_S:g} s); eval makes no collective"))
     rows.append(_error_row("4", "4 channels on rank 0, 6 on rank 1 (same layer)",
-                           tf.fault_channels(mode), header + " (payload sizes listed)"))
+                           fs.fault_channels(mode), header + " (payload sizes listed)"))
     rows.append(_row5(mode))
     rows.append(_error_row("6", "rank 2 of 3 SIGKILLed between forward and backward",
-                           tf.fault_killed(mode), "collective failure re-raised, before the timeout"))
+                           fs.fault_killed(mode), "collective failure re-raised, before the timeout"))
     nonfinite = _nonfinite_as_fault(mode)
     goes_on = all(res.get("next_finite") for res in nonfinite.results)
     rows.append(_error_row("7", "NaN in rank 1's input (3 ranks), nonfinite='raise'", nonfinite,
@@ -235,34 +236,34 @@ def reliability_rows(mode: str) -> List[Dict[str, Any]]:
     rows: List[Dict[str, Any]] = []
     bits = "no-autograd rank bits in the header / guard"
     rows.append(_error_row("11", "extra training-mode forward under torch.no_grad() on rank 0 "
-                           "(logging, EMA teacher), first step", tr.fault_extra_forward(mode, 0),
+                           "(logging, EMA teacher), first step", fs.fault_extra_forward(mode, 0),
                            bits + ", at the extra forward's first layer"))
-    rows.append(_error_row("11", "same, at step 3", tr.fault_extra_forward(mode, 2),
+    rows.append(_error_row("11", "same, at step 3", fs.fault_extra_forward(mode, 2),
                            bits + ", at the extra forward's first layer"))
     rows.append(_error_row("11", "extra training-mode forward with autograd on rank 0, step 3",
-                           tr.fault_extra_forward(mode, 2, autograd=True),
+                           fs.fault_extra_forward(mode, 2, autograd=True),
                            "its collectives pair with rank 1's forward; rank 0's next forward "
                            "meets rank 1's backward: equal packet sizes, the guard raises"))
-    rows.append(_error_row("12", f"rank 1 in eval mode, DISTNORM_TIMEOUT={tr.DEADLINE_S:g}",
-                           tr.fault_eval_rank_deadline(),
-                           f"distnorm's deadline ({tr.DEADLINE_S:g} s), not the group's timeout "
+    rows.append(_error_row("12", f"rank 1 in eval mode, DISTNORM_TIMEOUT={fs.DEADLINE_S:g}",
+                           fs.fault_eval_rank_deadline(),
+                           f"distnorm's deadline ({fs.DEADLINE_S:g} s), not the group's timeout "
                            f"({PG_TIMEOUT_S:g} s)"))
     rows.append(_error_row("12", "rank 1 has one batch fewer than rank 0, no Join (deadline "
-                           f"{tr.DEADLINE_S:g} s)", tr.fault_uneven_without_join(),
+                           f"{fs.DEADLINE_S:g} s)", fs.fault_uneven_without_join(),
                            "the last step has no partner: distnorm's deadline; the message "
                            "points at Join"))
-    rows.append(_error_row("12", "rank 1 skips batch 1 (a bad batch), no Join", tr.
+    rows.append(_error_row("12", "rank 1 skips batch 1 (a bad batch), no Join", fs.
                            fault_uneven_without_join(skip=1),
                            "its later steps pair with rank 0's earlier ones (consistent "
                            "collectives of real data: nothing to detect); the step left over "
                            "ends at the deadline"))
-    if mode in tf.BN_EVERY_STEP:
+    if mode in fs.BN_EVERY_STEP:
         rows.append(_join_row(mode, (3, 1, 2), None))
         rows.append(_join_row(mode, (3, 3), {1: 1}))
     rows.append(_error_row("14", "Join([ddp_model, distnorm.joinable(ddp_model)]) (joinable "
-                           "not first)", tr.fault_join_not_first(),
+                           "not first)", fs.fault_join_not_first(),
                            "refused before any collective"))
-    rows.append(_error_row("14", "Join, rank 1 has no batch at all", tr.fault_join_without_a_batch(),
+    rows.append(_error_row("14", "Join, rank 1 has no batch at all", fs.fault_join_without_a_batch(),
                            "the joined rank has no recorded iteration to shadow; the other "
                            "ends at the deadline"))
     rows.append(_compiled_row("raise", False))
@@ -272,10 +273,10 @@ def reliability_rows(mode: str) -> List[Dict[str, Any]]:
 
 
 def _join_row(mode: str, counts: Sequence[int], skip: Optional[Dict[int, int]]) -> Dict[str, Any]:
-    run = tr.fault_join(mode, counts, skip)
+    run = fs.fault_join(mode, counts, skip)
     ok, detail = True, {}
     if all(res["status"] == "ok" for res in run.results):
-        detail["max_abs_diff"] = tr.join_matches_reference(run, counts, skip)
+        detail["max_abs_diff"] = fs.join_matches_reference(run, counts, skip)
         ok = detail["max_abs_diff"] < 1e-10
     fault = (f"uneven batches per rank {tuple(counts)} under DDP + Join([distnorm.joinable(m), "
              "m]) (gradient buckets interleaved with the synced layers' all-reduces)")
@@ -291,7 +292,7 @@ def _join_row(mode: str, counts: Sequence[int], skip: Optional[Dict[int, int]]) 
 def _compiled_row(policy: str, fullgraph: bool) -> Dict[str, Any]:
     how = "torch.compile(model, fullgraph=True) of a converted layer" if fullgraph \
         else "torch.compile(model)"
-    run = run_fault(f"row 15 {policy}", tr._w_compiled_nonfinite, 2, policy, fullgraph,
+    run = run_fault(f"row 15 {policy}", fs._w_compiled_nonfinite, 2, policy, fullgraph,
                        timeout=600)
     ok, detail = True, {}
     if all(res["status"] == "ok" for res in run.results):
@@ -308,10 +309,10 @@ def _compiled_row(policy: str, fullgraph: bool) -> Dict[str, Any]:
 
 
 def _checkpoint_row() -> Dict[str, Any]:
-    run = run_fault("row 16", tr._w_checkpointed, 2)
+    run = run_fault("row 16", fs._w_checkpointed, 2)
     ok, detail = True, {}
     if all(res["status"] == "ok" for res in run.results):
-        detail["max_abs_diff"] = tr.checkpoint_difference([run.value(r) for r in range(2)])
+        detail["max_abs_diff"] = fs.checkpoint_difference([run.value(r) for r in range(2)])
         ok = detail["max_abs_diff"] < 1e-9
     return _plain_row("16", "activation checkpointing (torch.utils.checkpoint around a block "
                       "with a synced layer)",
@@ -324,7 +325,7 @@ def _checkpoint_row() -> Dict[str, Any]:
 
 def _nonfinite_as_fault(mode: str) -> FaultRun:
     """Row 7 catches its NonFiniteError to show the run goes on; present it as raised."""
-    run = tf.fault_nonfinite(mode)
+    run = fs.fault_nonfinite(mode)
     for res in run.results:
         if res["status"] == "ok" and res["value"]["error"] is not None:
             res["next_finite"] = bool(torch.isfinite(res["value"]["next_y"]).all())
@@ -335,9 +336,9 @@ def _nonfinite_as_fault(mode: str) -> FaultRun:
 
 
 def _skip_row(mode: str) -> Dict[str, Any]:
-    shards, grads, healthy, ref, ref_y, ref_grad = tf._skip_case()
-    options = tf.BN_EQUIVALENT.get(mode, {})
-    run = run_fault("row 7 skip", tf._w_nonfinite_skip, 3, mode, options, shards, grads)
+    shards, grads, healthy, ref, ref_y, ref_grad = fs._skip_case()
+    options = fs.BN_EQUIVALENT.get(mode, {})
+    run = run_fault("row 7 skip", fs._w_nonfinite_skip, 3, mode, options, shards, grads)
     detail: Dict[str, Any] = {}
     ok = True
     if all(res["status"] == "ok" for res in run.results):
@@ -381,7 +382,7 @@ def markdown(rows: Sequence[Dict[str, Any]], meta: Dict[str, Any]) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--mode", default="sync", choices=tf.SYNCED, help="synced variant (default sync)")
+    parser.add_argument("--mode", default="sync", choices=fs.SYNCED, help="synced variant (default sync)")
     parser.add_argument("--out", default=DEFAULT_OUT, help="results folder (default: benchmarks/results)")
     args = parser.parse_args(argv)
     meta = dict(machine_info(), **distnorm_provenance(), mode=args.mode, pg_timeout_s=PG_TIMEOUT_S)
