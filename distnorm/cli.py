@@ -24,10 +24,10 @@ import types
 from pathlib import Path
 from typing import List, NoReturn, Optional
 
-__all__ = ["BENCHMARKS", "main", "script_path"]
+from . import _scripts
+from ._scripts import script_path
 
-_PACKAGE = Path(__file__).resolve().parent
-_CHECKOUT = _PACKAGE.parent
+__all__ = ["BENCHMARKS", "main", "script_path"]
 
 # name -> (script file, one-line summary for `distnorm bench --help`).
 BENCHMARKS = {
@@ -39,27 +39,7 @@ BENCHMARKS = {
     "gpu": ("gpu.py", "on CUDA devices: distnorm's synced layers beside torch.nn.SyncBatchNorm "
                       "(NCCL)"),
 }
-# Where a script lives: installed inside the package, or in a checkout.
-_FOLDERS = {"bench": ("_bench", "benchmarks"), "detection": ("_detection", "examples/detection")}
 _RESULTS = "distnorm-bench-results"
-
-
-def script_path(kind: str, name: str) -> Optional[Path]:
-    """The file of a shipped script, or ``None`` when this installation lacks it.
-
-    Args:
-        kind: ``"bench"`` (``benchmarks/``) or ``"detection"`` (``examples/detection/``).
-        name: the file name, e.g. ``"layer.py"``.
-
-    Looks inside the installed package first (``distnorm/_bench/``,
-    ``distnorm/_detection/``), then in the checkout the package was imported from
-    (``benchmarks/``, ``examples/detection/``).
-    """
-    installed, checkout = _FOLDERS[kind]
-    for folder in (_PACKAGE / installed, _CHECKOUT / checkout):
-        if (folder / name).is_file():
-            return folder / name
-    return None
 
 
 def _version() -> str:
@@ -139,13 +119,13 @@ def _bench(argv: List[str]) -> int:
     path = script_path("bench", file)
     if path is None:
         print(f"distnorm bench {name}: this installation of distnorm has no benchmarks/{file} "
-              f"(looked in {_PACKAGE / '_bench'} and {_CHECKOUT / 'benchmarks'}); "
+              f"(looked in {_scripts._PACKAGE / '_bench'} and {_scripts._CHECKOUT / 'benchmarks'}); "
               "install a distnorm release that ships it, or run it from a checkout of the "
               "repository", file=sys.stderr)
         return 2
     wants_help = any(a in ("-h", "--help") for a in argv)
     gives_out = any(a == "--out" or a.startswith("--out=") for a in argv)
-    if (not wants_help and not gives_out and path.is_relative_to(_PACKAGE)
+    if (not wants_help and not gives_out and path.is_relative_to(_scripts._PACKAGE)
             and '"--out"' in path.read_text(encoding="utf-8")):
         # Installed: the script's default (next to the script) is inside site-packages.
         argv = [*argv, "--out", os.path.join(os.getcwd(), _RESULTS)]
@@ -157,7 +137,7 @@ def _train(argv: List[str]) -> int:
     path = script_path("detection", "train.py")
     if path is None:
         print("distnorm train: this installation of distnorm has no detection job "
-              f"(looked in {_PACKAGE / '_detection'} and {_CHECKOUT / 'examples/detection'})",
+              f"(looked in {_scripts._PACKAGE / '_detection'} and {_scripts._CHECKOUT / 'examples/detection'})",
               file=sys.stderr)
         return 2
     name = "distnorm_example_detection_train"

@@ -103,8 +103,10 @@ def test_installed_scripts_run_from_the_package(tmp_path, monkeypatch, capsys):
     package = tmp_path / "site-packages" / "distnorm"
     (package / "_bench").mkdir(parents=True)
     (package / "_bench" / "layer.py").write_text(SCRIPT)
-    monkeypatch.setattr(cli, "_PACKAGE", package)
-    monkeypatch.setattr(cli, "_CHECKOUT", package.parent)
+    from distnorm import _scripts
+
+    monkeypatch.setattr(_scripts, "_PACKAGE", package)
+    monkeypatch.setattr(_scripts, "_CHECKOUT", package.parent)
     monkeypatch.chdir(tmp_path)
     assert cli.script_path("bench", "layer.py") == package / "_bench" / "layer.py"
     assert cli.script_path("bench", "model.py") is None

@@ -14,7 +14,6 @@ import torch
 import torch.distributed as dist
 
 from ..errors import layer_name
-from .launch import init_from_env
 
 ProcessGroup = dist.ProcessGroup if dist.is_available() else object
 
@@ -168,3 +167,14 @@ def group_by(size: int) -> "ProcessGroup":
             mine = group
     assert mine is not None
     return mine
+
+
+def __getattr__(name: str) -> Any:
+    # init_from_env lives with the launchers (distnorm.launch.env), a floor above the
+    # process groups: importing it here eagerly would make the core import the
+    # launchers, and the launchers import distnorm.
+    if name == "init_from_env":
+        from ..launch.env import init_from_env
+
+        return init_from_env
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -30,7 +30,7 @@ def default_script() -> str:
     Raises:
         FileNotFoundError: this installation ships no benchmark scripts.
     """
-    from ..cli import script_path
+    from .._scripts import script_path
 
     path = script_path("bench", "layer.py")
     if path is None:
