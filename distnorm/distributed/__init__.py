@@ -6,7 +6,9 @@ Layers resolve their group in ``forward`` (models are usually built before
 
 from __future__ import annotations
 
+import importlib
 import os
+import sys
 import warnings
 from typing import Any, Mapping, Optional, Tuple
 
@@ -17,8 +19,8 @@ from ..errors import layer_name
 
 ProcessGroup = dist.ProcessGroup if dist.is_available() else object
 
-__all__ = ["NoProcessGroupWarning", "group_by", "init_from_env", "launcher_world_size",
-           "resolve_group", "world_size"]
+__all__ = ["NoProcessGroupWarning", "group_by", "import_before_init", "init_from_env",
+           "launcher_world_size", "resolve_group", "world_size"]
 
 # The variables launchers set to tell a process how many processes the job has, in
 # the order they are read: torchrun / accelerate / deepspeed / any env:// launcher,
@@ -167,6 +169,43 @@ def group_by(size: int) -> "ProcessGroup":
             mine = group
     assert mine is not None
     return mine
+
+
+# torch modules that evaluate ``group.WORLD`` in function defaults when they are
+# imported: imported after ``init_process_group``, they hold the default group for
+# good. torch._dynamo imports the first (DDP and torch.compile import dynamo lazily).
+_CAPTURES_DEFAULT_GROUP = ("torch.distributed.nn.functional",)
+
+
+def import_before_init() -> None:
+    """Import the torch modules that would pin the default process group, while
+    there is none, so that ``destroy_process_group`` really ends the group.
+
+    ``torch.distributed.nn.functional`` evaluates ``group.WORLD`` in ten function
+    defaults at import. Imported after ``init_process_group`` (torch._dynamo imports
+    it, and DDP, torch.compile and distnorm's compiled kernels import dynamo on
+    first use), it keeps the group alive after ``destroy_process_group``: the gloo
+    worker threads then run on into interpreter shutdown, and one that releases the
+    last reference to a finished collective's tensors must take the GIL, which a
+    finalizing interpreter refuses by ending the thread inside a destructor —
+    ``terminate called without an active exception`` and SIGABRT after a job that
+    succeeded. Imported first, the defaults hold ``None``.
+
+    Called when distnorm is imported (here) and by
+    :func:`~distnorm.launch.env.init_from_env`; a no-op once a process group exists
+    (importing then would pin it).
+    """
+    if not dist.is_available() or dist.is_initialized():
+        return
+    for name in _CAPTURES_DEFAULT_GROUP:
+        if name not in sys.modules:
+            try:
+                importlib.import_module(name)
+            except Exception:  # noqa: BLE001 - optional part of torch; nothing to pin then
+                pass
+
+
+import_before_init()
 
 
 def __getattr__(name: str) -> Any:

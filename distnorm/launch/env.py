@@ -29,9 +29,7 @@ Everything here can be tested by faking the environment: :func:`env_from` and
 from __future__ import annotations
 
 import datetime
-import importlib
 import os
-import sys
 import warnings
 from dataclasses import dataclass
 from typing import Dict, List, Mapping, MutableMapping, Optional
@@ -39,6 +37,7 @@ from typing import Dict, List, Mapping, MutableMapping, Optional
 import torch
 import torch.distributed as dist
 
+from ..distributed import import_before_init
 from .hostlist import expand_hostlist, expand_tasks_per_node
 
 __all__ = ["DEFAULT_TIMEOUT_S", "DistEnv", "PORT_MIN", "PORT_SPAN", "REQUIRED", "RendezvousError",
@@ -53,37 +52,6 @@ DEFAULT_TIMEOUT_S = 1800.0
 #: ``MASTER_PORT`` derived from the job id lies in [PORT_MIN, PORT_MIN + PORT_SPAN).
 PORT_MIN, PORT_SPAN = 20000, 40000
 
-# torch modules that evaluate ``group.WORLD`` in function defaults when they are
-# imported: imported after ``init_process_group``, they hold the default group for
-# good. torch._dynamo imports the first (DDP and torch.compile import dynamo lazily).
-_CAPTURES_DEFAULT_GROUP = ("torch.distributed.nn.functional",)
-
-
-def import_before_init() -> None:
-    """Import the torch modules that would pin the default process group, while
-    there is none, so that ``destroy_process_group`` really ends the group.
-
-    ``torch.distributed.nn.functional`` evaluates ``group.WORLD`` in ten function
-    defaults at import. Imported after ``init_process_group`` (torch._dynamo imports
-    it, and DDP, torch.compile and distnorm's compiled kernels import dynamo on
-    first use), it keeps the group alive after ``destroy_process_group``: the gloo
-    worker threads then run on into interpreter shutdown, and one that releases the
-    last reference to a finished collective's tensors must take the GIL, which a
-    finalizing interpreter refuses by ending the thread inside a destructor —
-    ``terminate called without an active exception`` and SIGABRT after a job that
-    succeeded. Imported first, the defaults hold ``None``.
-
-    Called when distnorm is imported, by :func:`init_from_env` and by the demo's
-    ranks; a no-op once a process group exists (importing then would pin it).
-    """
-    if not dist.is_available() or dist.is_initialized():
-        return
-    for name in _CAPTURES_DEFAULT_GROUP:
-        if name not in sys.modules:
-            try:
-                importlib.import_module(name)
-            except Exception:  # noqa: BLE001 - optional part of torch; nothing to pin then
-                pass
 
 
 _HOW_TO_LAUNCH = (
@@ -418,4 +386,3 @@ def init_distributed(backend: Optional[str] = None, timeout_s: float = DEFAULT_T
 
 
 # distnorm imports this module, usually before the script's init_process_group.
-import_before_init()
