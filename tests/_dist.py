@@ -53,7 +53,7 @@ def _worker(rank: int, world: int, init_file: str, inbox: Any, outbox: Any, path
     import torch.distributed as dist
 
     # As a user's script does: distnorm imported before init_process_group (its
-    # import prepares a clean exit, see distnorm.distributed.launch.import_before_init).
+    # import prepares a clean exit, see distnorm.distributed.import_before_init).
     import distnorm  # noqa: F401
 
     torch.set_num_threads(1)
