@@ -18,16 +18,35 @@ output takes the input's dtype.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+import weakref
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor
 
 from . import kernels
 from .distributed.collectives import SyncContext, all_reduce
+from .errors import SyncError
 from .stats import Moments, group_moments, stats_dtype
 
 __all__ = ["batch_norm_with_moments", "group_moments_with_grad", "update_running_stats"]
+
+
+def _weak(group: Optional[Any]) -> Optional[Callable[[], Any]]:
+    """What a Function's ctx keeps of its group: a weak reference, so that an output
+    kept alive (a script's last loss) does not keep a destroyed process group — and
+    its gloo threads — alive into interpreter shutdown."""
+    return None if group is None else weakref.ref(group)
+
+
+def _strong(ref: Optional[Callable[[], Any]]) -> Optional[Any]:
+    if ref is None:
+        return None
+    group = ref()
+    if group is None:
+        raise SyncError("a synced layer's backward ran after its process group was "
+                        "destroyed: call backward before destroy_process_group")
+    return group
 
 
 def _channel_view(t: Tensor, x: Tensor) -> Tensor:
@@ -131,7 +150,7 @@ class _BatchNormWithMoments(torch.autograd.Function):
                              0.0, eps, torch.backends.cudnn.enabled)
         invstd = torch.rsqrt(var + eps)
         ctx.save_for_backward(x, weight, mean, var, invstd, count)
-        ctx.group, ctx.context, ctx.eps = group, context, eps
+        ctx.group, ctx.context, ctx.eps = _weak(group), context, eps
         return y
 
     @staticmethod
@@ -149,7 +168,7 @@ class _BatchNormWithMoments(torch.autograd.Function):
             sum_g, sum_gxhat, payload = _local_grad_sums(grad_out, x, mean, invstd, ctx.eps)
         grad_x = None
         if need_x:
-            sums = all_reduce(payload, ctx.group, ctx.context, "backward",
+            sums = all_reduce(payload, _strong(ctx.group), ctx.context, "backward",
                               _backward_policy(ctx.context))
             fused_pass = kernels.affine_grad_applies(grad_out, x)
             k, a, c = kernels.fused(_input_grad_coefficients, sums, weight, invstd, count,
@@ -201,7 +220,7 @@ class _GroupMomentsWithGrad(torch.autograd.Function):
                 context: Optional[SyncContext]):
         moments = group_moments(x, group, context=context)
         ctx.save_for_backward(x, moments.mean, moments.count)
-        ctx.group, ctx.context = group, context
+        ctx.group, ctx.context = _weak(group), context
         ctx.mark_non_differentiable(moments.count)
         return moments.mean, moments.var, moments.count
 
@@ -209,7 +228,7 @@ class _GroupMomentsWithGrad(torch.autograd.Function):
     def backward(ctx, grad_mean: Tensor, grad_var: Tensor, _grad_count: Any):  # type: ignore[override]
         x, mean, count = ctx.saved_tensors
         channels = x.shape[1]
-        sums = all_reduce(torch.cat([grad_mean, grad_var]).to(mean.dtype), ctx.group,
+        sums = all_reduce(torch.cat([grad_mean, grad_var]).to(mean.dtype), _strong(ctx.group),
                           ctx.context, "backward", _backward_policy(ctx.context))
         m = count.to(mean.dtype).clamp(min=1)
         g_mean = _channel_view(sums[:channels] / m, x)

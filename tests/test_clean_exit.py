@@ -135,10 +135,6 @@ def _keep_loss_then_destroy_group(rank: int, world: int) -> bool:
     return freed
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "distnorm.functional's autograd Functions keep the group in ctx.group: an output "
-    "kept alive (a script's last loss) keeps the destroyed group and its gloo threads. "
-    "A weak reference there makes this pass; then remove this marker."))
 def test_a_kept_output_keeps_no_destroyed_group_alive(world2):
     assert world2.run(_keep_loss_then_destroy_group) == [True, True]
 
