@@ -14,10 +14,10 @@ tests/test_compat.py) rather than a layer. This module imports nothing of distno
 from __future__ import annotations
 
 import os
+import sys
 from types import ModuleType
 from typing import Any, Optional
 
-import torch
 from torch import Tensor
 
 __all__ = ["accumulated_leaf", "dynamo_disabled", "functional_collectives", "node_name",
@@ -49,7 +49,15 @@ def dynamo_disabled() -> bool:
     ``torch._dynamo.config.disable``) or ``TORCHDYNAMO_DISABLE=1`` (read by
     ``torch.compile`` itself at each call) — so that a compiled function would run as
     its plain Python."""
-    return bool(torch._dynamo.config.disable) or os.environ.get("TORCHDYNAMO_DISABLE", "") == "1"
+    # Read without importing torch._dynamo (seconds, and imported after
+    # init_process_group it used to pin the default group): until it is imported,
+    # its config is still what the environment says.
+    dynamo = sys.modules.get("torch._dynamo")
+    if dynamo is not None:
+        disabled = bool(dynamo.config.disable)
+    else:
+        disabled = os.environ.get("TORCH_COMPILE_DISABLE", "0") == "1"  # as its config reads it
+    return disabled or os.environ.get("TORCHDYNAMO_DISABLE", "") == "1"
 
 
 def functional_collectives() -> ModuleType:

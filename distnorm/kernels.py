@@ -105,7 +105,7 @@ def _applies(*tensors: Tensor) -> bool:
         big_enough = x.numel() >= max(MIN_NUMEL, 1)
     else:  # on CUDA one fused launch beats several at any size
         big_enough = x.device.type in _FUSED_DEVICES and x.numel() > 0
-    return (big_enough and enabled() and x.dtype in (torch.float32,) + _HALF
+    return (big_enough and x.dtype in (torch.float32,) + _HALF and enabled()
             and all(t.shape == x.shape and t.stride() == x.stride() for t in tensors[1:])
             and not torch.compiler.is_compiling())
 
