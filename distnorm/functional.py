@@ -280,7 +280,7 @@ def _update_running_stats(running_mean: Tensor, running_var: Tensor,
         factor = (has_data / num_batches_tracked.clamp(min=1).to(torch.float64)).to(dtype)
     else:  # 1·momentum rounds to the update's dtype exactly as momentum does
         factor = has_data.to(dtype) * momentum
-    unbiased = var * (count / (count - 1).clamp(min=1))
+    unbiased = Moments(count, mean, var).unbiased_var()
     for running, stat in ((running_mean, mean), (running_var, unbiased)):
         if running.dtype == dtype:
             running.lerp_(stat.to(dtype), factor)
