@@ -15,6 +15,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import modules  # noqa: F401  (importing the layers registers the built-in variants)
 from .check import forget_conversion, record_conversion
+from .modules.cycle_batch_norm import LocalBatchNorm
 from .registry import register_variant, resolve_mode, revertible_variants, variant, variants
 
 __all__ = ["convert_model", "register_variant", "revert_model", "variants"]
@@ -30,6 +31,8 @@ def _source_types() -> Tuple[type, ...]:
     except Exception:
         pass
     types.extend(revertible_variants())
+    # The unsynced statistics sets of a CycleBatchNorm (what revert_model leaves there).
+    types.append(LocalBatchNorm)
     return tuple(types)
 
 

@@ -8,6 +8,7 @@ from .batch_instance_norm import BatchInstanceNorm
 from .batch_renorm import BatchRenorm
 from .cross_iteration import CrossIterationBatchNorm
 from .cross_mini_batch import CrossMiniBatchNorm, accumulation_steps_from, reset_accumulation
+from .cycle_batch_norm import CycleBatchNorm
 from .frozen import FrozenBatchNorm
 from .group_norm import GroupNorm
 from .switchable_norm import SwitchableNorm
@@ -18,6 +19,7 @@ __all__ = [
     "BatchRenorm",
     "CrossIterationBatchNorm",
     "CrossMiniBatchNorm",
+    "CycleBatchNorm",
     "FrozenBatchNorm",
     "GroupNorm",
     "SwitchableNorm",

@@ -22,6 +22,7 @@ from ..functional import batch_norm_with_moments
 from .._packing import packed_size
 from ..stats import group_sums, moments_from_sums, stats_dtype
 from ._base import BatchNormBase, layer_name
+from .cycle_batch_norm import CycleBatchNorm
 
 __all__ = ["CrossMiniBatchNorm", "accumulation_steps_from", "reset_accumulation"]
 
@@ -176,9 +177,11 @@ class CrossMiniBatchNorm(BatchNormBase):
 
 
 def reset_accumulation(module: nn.Module) -> None:
-    """Restart the cycle of every :class:`CrossMiniBatchNorm` in ``module``.
+    """Restart the cycle of every :class:`CrossMiniBatchNorm` and
+    :class:`~distnorm.CycleBatchNorm` in ``module``.
 
-    A partial cycle is discarded without a running-statistics update. Call it where
+    A partial cycle is discarded without a running-statistics update; a
+    CycleBatchNorm's next call uses its statistics set 0 again. Call it where
     the data stops lining up with the optimizer's steps: at the start of an epoch
     whose length is not a multiple of ``accumulation_steps``, after a skipped step
     (e.g. a non-finite loss), or before resuming training from a checkpoint.
@@ -193,6 +196,8 @@ def reset_accumulation(module: nn.Module) -> None:
     for layer in module.modules():
         if isinstance(layer, CrossMiniBatchNorm):
             layer.reset_accumulation()
+        elif isinstance(layer, CycleBatchNorm):
+            layer.reset_cycle()
 
 
 def accumulation_steps_from(engine_or_config: Any) -> int:
