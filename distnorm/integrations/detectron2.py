@@ -22,6 +22,16 @@ yacs configs (``MODEL.RESNETS.NORM``) hold strings only; there, build with "BN" 
         def build_model(cls, cfg):
             return distnorm.convert_model(super().build_model(cfg), mode="sync")
 
+Shared heads (RetinaNet, FCOS) apply one conv + norm to every FPN level in turn;
+:func:`cycle_norm` gives each level its own statistics under one affine
+(:class:`distnorm.CycleBatchNorm`)::
+
+    model.head.norm = cycle_norm(len(model.head_in_features), "sync")   # RetinaNetHead
+
+With a yacs config, ``RetinaNetHead`` already builds detectron2's own
+``CycleBatchNormList`` for ``NORM: "BN"``/``"SyncBN"``: its levels are BatchNorm
+layers, so the convert-after-build recipe above syncs each level too.
+
 Frozen stages (``FREEZE_AT``): detectron2 freezes a stage by turning its
 ``nn.BatchNorm2d``/``nn.SyncBatchNorm`` into its own ``FrozenBatchNorm2d``; it does not
 recognize distnorm's layers, so with :func:`norm` those stages keep distnorm layers
@@ -37,8 +47,9 @@ from typing import Any, Dict
 from torch import nn
 
 from ..convert import convert_model
+from ..modules.cycle_batch_norm import CycleBatchNorm
 
-__all__ = ["DistnormNorm", "norm"]
+__all__ = ["DistnormCycleNorm", "DistnormNorm", "cycle_norm", "norm"]
 
 # Arguments of the BatchNorm a layer starts from; the rest go to the variant.
 _BATCH_NORM_ARGS = ("eps", "momentum", "affine", "track_running_stats")
@@ -88,3 +99,48 @@ def norm(mode: str = "sync", **options: Any) -> DistnormNorm:
         >>> layer = norm("brn", r_max=2.0, momentum=0.01)(256)   # BatchRenorm(256, ...)
     """
     return DistnormNorm(mode, **options)
+
+
+class DistnormCycleNorm:
+    """A callable ``(out_channels) -> CycleBatchNorm`` for detectron2's ``get_norm``.
+
+    Made by :func:`cycle_norm`; picklable, like :class:`DistnormNorm`.
+    """
+
+    def __init__(self, length: int, mode: str = "sync", **options: Any) -> None:
+        self.length = length
+        self.mode = mode
+        self.options = options
+        self(1)  # a bad length, mode or option fails here, when the config is written
+
+    def __call__(self, out_channels: int) -> nn.Module:
+        """A :class:`distnorm.CycleBatchNorm` of ``length`` levels for ``out_channels``."""
+        return CycleBatchNorm(out_channels, self.length, mode=self.mode, **self.options)
+
+    def __repr__(self) -> str:
+        options = "".join(f", {k}={v!r}" for k, v in self.options.items())
+        return (f"distnorm.integrations.detectron2.cycle_norm({self.length!r}, "
+                f"{self.mode!r}{options})")
+
+
+def cycle_norm(length: int, mode: str = "sync", **options: Any) -> DistnormCycleNorm:
+    """A ``get_norm``-compatible callable that builds a :class:`distnorm.CycleBatchNorm`:
+    per-level statistics for a head shared across ``length`` feature levels.
+
+    Args:
+        length: the number of feature levels the head is applied to in turn (5 for
+            RetinaNet/FCOS on P3-P7: ``len(model.head_in_features)``).
+        mode: the statistics sets' mode: ``"sync"``, ``"brn"``, ``"cbn"``,
+            ``"cmbn"``, or ``"bn"`` (unsynced).
+        **options: ``eps``, ``momentum``, ``affine``, ``process_group`` and the
+            other options of :class:`distnorm.CycleBatchNorm`.
+
+    Raises:
+        ValueError: ``length`` is not an integer >= 1, or ``mode`` is not one of those.
+        TypeError: an option the mode's layer does not take.
+
+    Example::
+
+        >>> model.head.norm = cycle_norm(5, "sync")   # LazyConfig of a RetinaNet
+    """
+    return DistnormCycleNorm(length, mode, **options)

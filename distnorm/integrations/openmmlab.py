@@ -27,6 +27,13 @@ mmdet/mmseg/mmpretrain) reads norm layers from; child registries (``mmdet``'s,
 ``DistGN``                    :class:`distnorm.GroupNorm` (see below)    gn
 ============================  =========================================  ======
 
+:func:`register` also adds ``DistCycleBN`` (:class:`distnorm.CycleBatchNorm`, abbr
+``bn``; not in :data:`NORM_TYPES`, as it needs ``length``): per-level statistics
+for a head shared across feature levels, e.g. mmdet's ``RetinaHead``, which runs its
+``ConvModule`` stack on each FPN level in turn::
+
+    norm_cfg = dict(type="DistCycleBN", length=5, requires_grad=True)   # P3-P7
+
 ``build_norm_layer`` calls ``cls(num_features, **cfg)`` and names the layer after the
 class's ``_abbr_`` (``bn1``, ``gn``, ...), so a checkpoint of the same model with
 ``SyncBN``/``BN`` loads unchanged. ``DistGN`` takes ``(num_features, num_groups=32)``
@@ -66,9 +73,10 @@ from ..modules import (
     SwitchableNorm,
     SyncBatchNorm,
 )
+from ..modules.cycle_batch_norm import CycleBatchNorm
 from ..modules.group_norm import largest_divisor
 
-__all__ = ["GroupNormFromFeatures", "NORM_TYPES", "WRAPPER_NAME", "register"]
+__all__ = ["CYCLE_NORM_TYPE", "GroupNormFromFeatures", "NORM_TYPES", "WRAPPER_NAME", "register"]
 
 WRAPPER_NAME = "DistnormDistributedDataParallel"
 
@@ -97,6 +105,11 @@ NORM_TYPES: Dict[str, type] = {
     "DistFrozenBN": FrozenBatchNorm,
     "DistGN": GroupNormFromFeatures,
 }
+
+#: The ``norm_cfg`` type of :class:`distnorm.CycleBatchNorm`, registered by
+#: :func:`register` too; kept out of :data:`NORM_TYPES`, whose types build from
+#: ``(num_features)`` alone, since it needs ``length``.
+CYCLE_NORM_TYPE = "DistCycleBN"
 
 
 def _registries() -> Any:
@@ -146,8 +159,9 @@ def _add(registry: Any, name: str, cls: type) -> None:
 
 
 def register() -> Dict[str, type]:
-    """Register distnorm's layers in mmengine's ``MODELS`` and its DDP wrapper in
-    ``MODEL_WRAPPERS``. Calling it again is a no-op.
+    """Register distnorm's layers (:data:`NORM_TYPES` and ``DistCycleBN``) in
+    mmengine's ``MODELS`` and its DDP wrapper in ``MODEL_WRAPPERS``. Calling it
+    again is a no-op.
 
     mmcv 2.x reads norm layers from this same ``MODELS`` registry; OpenMMLab
     projects' child registries fall back to it.
@@ -162,5 +176,6 @@ def register() -> Dict[str, type]:
     registries = _registries()
     for name, cls in NORM_TYPES.items():
         _add(registries.MODELS, name, cls)
+    _add(registries.MODELS, CYCLE_NORM_TYPE, CycleBatchNorm)
     _add(registries.MODEL_WRAPPERS, WRAPPER_NAME, _wrapper_class())
     return dict(NORM_TYPES)
