@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import distnorm
-from distnorm.integrations.detectron2 import DistnormNorm, norm
+from distnorm.integrations.detectron2 import DistnormCycleNorm, DistnormNorm, cycle_norm, norm
 
 
 def _get_norm(spec: Union[str, Callable[[int], nn.Module], None], out_channels: int) -> Optional[nn.Module]:
@@ -116,6 +116,112 @@ def test_synced_head_with_an_empty_rank_matches_batch_norm(world2) -> None:
     expected = reference.state_dict()
     for rank, result in enumerate(results):
         assert result["types"] == ["SyncBatchNorm", "SyncBatchNorm"]
+        for name, value in expected.items():
+            torch.testing.assert_close(result["state"][name], value, rtol=1e-9, atol=1e-11,
+                                       msg=f"rank {rank}: {name} differs from the reference")
+
+
+# -- shared heads: cycle_norm -----------------------------------------------------------
+
+LEVELS = 3
+# Per level, per rank: rank 0 holds no image at level 1 (the shards of a level differ
+# as a dataloader's last batch can).
+LEVEL_SHARDS = ((2, 3), (0, 4), (3, 1))
+
+
+class _CycleBatchNormList(nn.ModuleList):
+    """detectron2's CycleBatchNormList restated: ``length`` BatchNorm layers with
+    affine=False, used in turn, and one affine (its state_dict layout)."""
+
+    def __init__(self, length: int, bn_class: type = nn.BatchNorm2d, **kwargs: Any) -> None:
+        super().__init__([bn_class(**kwargs, affine=False) for _ in range(length)])
+        channels = self[0].num_features
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self._pos = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self[self._pos](x)
+        self._pos = (self._pos + 1) % len(self)
+        return y * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
+
+
+def _shared_head(spec: Callable[[int], nn.Module]) -> nn.Module:
+    """A RetinaNet-style subnet (conv → norm → ReLU, twice), built with ``spec``."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), _get_norm(spec, 6), nn.ReLU(),
+                         nn.Conv2d(6, 4, 3, padding=1), _get_norm(spec, 4)).double()
+
+
+def _levels(step: int) -> List[torch.Tensor]:
+    """The whole group's features of each level (FPN-like: shrinking, shifted)."""
+    gen = torch.Generator().manual_seed(10 + step)
+    return [torch.randn(sum(shards), 3, 8 >> level, 8 >> level, generator=gen,
+                        dtype=torch.float64) * (level + 1) + level
+            for level, shards in enumerate(LEVEL_SHARDS)]
+
+
+def _level_loss(outputs: List[torch.Tensor]) -> torch.Tensor:
+    return sum(y.pow(2).sum() for y in outputs) / 100.0
+
+
+def _train_shared_head(rank: int, world: int) -> Dict[str, Any]:
+    head = nn.parallel.DistributedDataParallel(_shared_head(cycle_norm(LEVELS, "sync")))
+    opt = torch.optim.SGD(head.parameters(), lr=LR)
+    for step in range(STEPS):
+        opt.zero_grad()
+        local = [x[sum(s[:rank]):sum(s[:rank + 1])] for x, s in zip(_levels(step), LEVEL_SHARDS)]
+        # DDP averages over the ranks: × world gives the gradient of the global sum.
+        (_level_loss([head(x) for x in local]) * world).backward()
+        opt.step()
+    return {"state": head.module.state_dict(), "types": [type(m).__name__ for m in head.module]}
+
+
+def test_cycle_norm_builds_pickles_and_reads() -> None:
+    spec = cycle_norm(5, "brn", r_max=2.0, momentum=0.01)
+    layer = _get_norm(spec, 8)
+    assert isinstance(layer, distnorm.CycleBatchNorm) and layer.length == 5
+    assert (layer.mode, layer.momentum, layer.levels[4].r_max) == ("brn", 0.01, 2.0)
+    for clone in (pickle.loads(pickle.dumps(spec)), copy.deepcopy(spec)):
+        assert isinstance(clone, DistnormCycleNorm) and clone(4).length == 5
+    assert repr(spec) == ("distnorm.integrations.detectron2.cycle_norm(5, 'brn', r_max=2.0, "
+                          "momentum=0.01)")
+    with pytest.raises(ValueError, match="length must be"):
+        cycle_norm(0)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        cycle_norm(5, "gn")
+    with pytest.raises(TypeError, match="window"):
+        cycle_norm(5, "sync", window=2)
+
+
+def test_detectron2_cycle_list_checkpoint_loads_and_its_levels_convert() -> None:
+    """A checkpoint of detectron2's own CycleBatchNormList loads into cycle_norm's head,
+    and convert_model syncs the levels of a head built with detectron2's class (yacs)."""
+    theirs = _shared_head(lambda c: _CycleBatchNormList(LEVELS, num_features=c))
+    for x in _levels(0):
+        theirs(x)
+    ours = _shared_head(cycle_norm(LEVELS))
+    ours.load_state_dict(theirs.state_dict())
+    theirs.eval()
+    ours.eval()
+    for x in _levels(1):
+        torch.testing.assert_close(ours(x), theirs(x))
+    converted = distnorm.convert_model(theirs, mode="sync")
+    assert [type(level) for level in converted[1]] == [distnorm.SyncBatchNorm] * LEVELS
+
+
+def test_shared_head_under_ddp_matches_batch_norm_per_level(world2) -> None:
+    results = world2.run(_train_shared_head)
+    reference = _shared_head(lambda c: _CycleBatchNormList(LEVELS, num_features=c))
+    opt = torch.optim.SGD(reference.parameters(), lr=LR)
+    for step in range(STEPS):
+        opt.zero_grad()
+        _level_loss([reference(x) for x in _levels(step)]).backward()
+        opt.step()
+    expected = reference.state_dict()
+    for rank, result in enumerate(results):
+        assert result["types"][1] == "CycleBatchNorm"
+        assert set(result["state"]) == set(expected)
         for name, value in expected.items():
             torch.testing.assert_close(result["state"][name], value, rtol=1e-9, atol=1e-11,
                                        msg=f"rank {rank}: {name} differs from the reference")

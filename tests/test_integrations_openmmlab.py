@@ -238,3 +238,30 @@ def test_config_custom_imports_registers(tmp_path: Path) -> None:
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stdout.strip().splitlines()[-1] == "SyncBatchNorm"
+
+
+def test_cycle_norm_type_builds_a_per_level_norm() -> None:
+    """``DistCycleBN`` (registered beside NORM_TYPES): a ConvModule stack shared by the
+    levels of a head, as mmdet's RetinaHead runs it, with one statistics set per level."""
+    from mmengine.registry import MODELS
+
+    openmmlab.register()
+    assert openmmlab.CYCLE_NORM_TYPE not in openmmlab.NORM_TYPES
+    assert MODELS.get(openmmlab.CYCLE_NORM_TYPE) is distnorm.CycleBatchNorm
+    name, layer = build_norm_layer(dict(type="DistCycleBN", length=3, mode="brn", r_max=2.0,
+                                        requires_grad=False), 12, postfix=1)
+    assert name == "bn1" and isinstance(layer, distnorm.CycleBatchNorm)
+    assert (layer.length, layer.mode, layer.levels[2].r_max) == (3, "brn", 2.0)
+    assert all(not p.requires_grad for p in layer.parameters())
+    with pytest.raises(TypeError, match="length"):
+        build_norm_layer(dict(type="DistCycleBN"), 12)
+    head = ConvModule(3, 4, 3, padding=1, norm_cfg=dict(type="DistCycleBN", length=3))
+    head.init_weights()  # mmcv's constant_init of the norm's weight and bias
+    levels = [torch.randn(2, 3, 8 >> k, 8 >> k) * (k + 1) + k for k in range(3)]
+    for x in levels:
+        head(x)
+    norm = head.norm
+    assert norm.position == 0
+    means = [level.running_mean for level in norm.levels]
+    assert not torch.allclose(means[0], means[2])  # each level kept its own statistics
+    assert {"bn.weight", "bn.bias", "bn.2.running_var"} <= set(head.state_dict())
