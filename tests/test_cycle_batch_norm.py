@@ -363,3 +363,32 @@ def test_from_batch_norm_shares_the_affine_and_starts_every_level_from_its_stati
     layer.eval()
     x = torch.randn(2, C, 3, 3)
     torch.testing.assert_close(layer(x), bn(x))
+
+
+def test_reverted_model_traces_each_call_with_its_level() -> None:
+    model = distnorm.revert_model(nn.Sequential(nn.Conv2d(C, C, 1), distnorm.CycleBatchNorm(C, 2)))
+    levels = [torch.randn(2, C, 4, 4), torch.randn(2, C, 2, 2) * 3 + 2]
+    for x in levels:
+        model(x)
+    model.eval()
+
+    head = _TwoLevels(model)
+    expected = head(*levels)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit.trace's deprecation and tracer notes
+        traced = torch.jit.trace(head, tuple(levels))
+        with pytest.raises(RuntimeError, match="torch.jit.script cannot compile the level cycle"):
+            torch.jit.script(model)
+    torch.testing.assert_close(traced(*levels), expected)
+    assert model[1].position == 0
+
+
+class _TwoLevels(nn.Module):
+    """A head applied to two levels in one forward (what torch.jit.trace records)."""
+
+    def __init__(self, subnet: nn.Module) -> None:
+        super().__init__()
+        self.subnet = subnet
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        return self.subnet(a), self.subnet(b)

@@ -205,6 +205,13 @@ class CycleBatchNorm(nn.Module):
         layer.train(bn.training)
         return layer
 
+    def __prepare_scriptable__(self) -> "CycleBatchNorm":
+        # torch.jit.script calls this first: refuse in words (the cycle is Python state).
+        raise RuntimeError(f"{layer_name(self)}: torch.jit.script cannot compile the level "
+                           "cycle; use torch.jit.trace or torch.onnx.export on the model in eval "
+                           "mode (each call is recorded with its level's statistics), or "
+                           "torch.compile")
+
     # -- the cycle -----------------------------------------------------------------
     @property
     def position(self) -> int:
