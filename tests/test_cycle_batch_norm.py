@@ -363,6 +363,10 @@ def test_from_batch_norm_shares_the_affine_and_starts_every_level_from_its_stati
     layer.eval()
     x = torch.randn(2, C, 3, 3)
     torch.testing.assert_close(layer(x), bn(x))
+    frozen = distnorm.convert_model(bn, mode="frozen")
+    layer = distnorm.CycleBatchNorm.from_batch_norm(frozen, 2, mode="bn")
+    assert isinstance(layer.weight, nn.Parameter) and torch.equal(layer.weight, frozen.weight)
+    assert layer.weight.data_ptr() == frozen.weight.data_ptr() and layer.mode == "bn"
 
 
 def test_reverted_model_traces_each_call_with_its_level() -> None:

@@ -88,10 +88,12 @@ class CycleBatchNorm(nn.Module):
           count-weighted over the ranks, a rank may hold 0 samples — and updates only
           its own running statistics; in eval it uses them. The sets are separate
           layers, each with its own collectives (and their cross-rank checks).
-        - Training output, input gradient and each level's running statistics equal
-          those of ``length`` separate ``nn.BatchNorm`` layers sharing one weight and
-          bias, level ℓ applied to the concatenated batch of level ℓ; the weight and
-          bias gradients are summed over the levels (and, under DDP, the ranks).
+        - With ``mode="sync"`` (or ``"bn"`` in one process), training output, input
+          gradient and each level's running statistics equal those of ``length``
+          separate ``nn.BatchNorm`` layers sharing one weight and bias, level ℓ
+          applied to the concatenated batch of level ℓ; the other modes equal
+          ``length`` separate layers of that mode. The weight and bias gradients are
+          summed over the levels (and, under DDP, the ranks).
         - **Alignment.** The layer counts its calls; nothing in the data says which
           level an input belongs to. Every forward pass of the model must call it a
           multiple of ``length`` times, levels in the same order. Where a
@@ -182,10 +184,14 @@ class CycleBatchNorm(nn.Module):
         """A CycleBatchNorm in place of one BatchNorm shared by ``length`` levels.
 
         The affine is ``bn``'s very weight and bias (the same Parameters, so an
-        optimizer built before keeps working); every level starts from a copy of
+        optimizer built before keeps working; a frozen layer's buffers become
+        trainable Parameters on the same storage); every level starts from a copy of
         ``bn``'s running statistics — run ``distnorm.precise_bn`` to give each level
-        its own. ``bn`` is any BatchNorm layer (torch's, distnorm's).
+        its own. ``bn`` is any BatchNorm layer (torch's, distnorm's); a synced
+        ``mode`` keeps its ``process_group`` unless another is given.
         """
+        if process_group is None and mode not in _LOCAL_MODES:
+            process_group = getattr(bn, "process_group", None)
         ref = bn.weight if getattr(bn, "weight", None) is not None else bn.running_mean
         options.setdefault("affine", bn.affine)
         options.setdefault("track_running_stats", bn.track_running_stats)
@@ -195,7 +201,10 @@ class CycleBatchNorm(nn.Module):
         layer = cls(bn.num_features, length, bn.eps, bn.momentum, mode=mode,
                     process_group=process_group, **options)
         if layer.weight is not None:
-            layer.weight, layer.bias = bn.weight, bn.bias
+            for name in ("weight", "bias"):
+                value = getattr(bn, name)
+                setattr(layer, name, value if isinstance(value, nn.Parameter)
+                        else nn.Parameter(value.detach()))
         if bn.running_mean is not None:
             for level in layer.levels:
                 if level.running_mean is not None:
