@@ -306,6 +306,10 @@ def test_options_reach_every_level_and_affine_is_optional() -> None:
     for level in layer.levels:
         assert (level.r_max, level.nonfinite, level.timeout, level.affine) == (2.0, "skip", 5.0, False)
     assert "length=2, mode='brn'" in repr(layer)
+    assert len(layer) == 2 and layer[1] is layer.levels[1] and list(layer) == list(layer.levels)
+    group = object()  # stored, resolved only in a training forward
+    assert all(level.process_group is group
+               for level in distnorm.CycleBatchNorm(C, 3, process_group=group))
     bare = distnorm.CycleBatchNorm(C, 2, affine=False)
     assert bare.weight is None and set(bare.state_dict()) == {
         f"{i}.{k}" for i in range(2) for k in ("running_mean", "running_var", "num_batches_tracked")}

@@ -11,7 +11,7 @@ per level, used in turn by successive calls. Each set is an ordinary distnorm la
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Iterator, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -255,6 +255,16 @@ class CycleBatchNorm(nn.Module):
     def levels(self) -> Tuple[nn.Module, ...]:
         """The statistics sets, level 0 first."""
         return tuple(self._modules[str(index)] for index in range(self.length))
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> nn.Module:
+        """Statistics set ``index`` (``layer[0]``, as in detectron2's ModuleList)."""
+        return self.levels[index]
+
+    def __iter__(self) -> Iterator[nn.Module]:
+        return iter(self.levels)
 
     @property
     def mode(self) -> str:
