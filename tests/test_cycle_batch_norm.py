@@ -232,10 +232,10 @@ def test_state_dict_loads_from_separate_batch_norms_and_round_trips() -> None:
     for norm in source:
         expected = norm(x) * source.weight.view(1, C, 1, 1) + source.bias.view(1, C, 1, 1)
         torch.testing.assert_close(layer(x), expected)
-    copy_ = distnorm.CycleBatchNorm(C, 3, mode="bn")
-    copy_.load_state_dict(layer.state_dict())
+    local = distnorm.CycleBatchNorm(C, 3, mode="bn")
+    local.load_state_dict(layer.state_dict())
     for key, value in layer.state_dict().items():
-        assert torch.equal(copy_.state_dict()[key], value), key
+        assert torch.equal(local.state_dict()[key], value), key
 
 
 def test_pickle_and_deepcopy_keep_statistics_and_position() -> None:
