@@ -152,7 +152,7 @@ _PEAK_GB_S = {"H200": 4800.0, "H100 NVL": 3900.0, "H100 PCIe": 2000.0, "H100": 3
               "A100-SXM4-80GB": 2039.0, "A100 80GB PCIe": 1935.0, "A100": 1555.0, "L40S": 864.0}
 
 
-def device_bandwidth(dev: Device) -> dict[str, Any]:
+def device_bandwidth(dev: Device, copy_mb: int | None = None) -> dict[str, Any]:
     """The memory's peak bandwidth (from the device's memory clock and bus width,
     else the data sheet's by name) and a large device-to-device copy's achieved
     bandwidth (read + write), GB/s: what the per-layer bandwidths are compared with."""
@@ -171,7 +171,7 @@ def device_bandwidth(dev: Device) -> dict[str, Any]:
                 if name in dev.name:
                     out.update(peak_gb_s=gb_s, peak_source=f"data sheet ({name})")
                     break
-    numel = (256 if dev.cuda else 2) * 2**20 // 4
+    numel = (copy_mb or (256 if dev.cuda else 2)) * 2**20 // 4
     src = torch.ones(numel, device=dev.device)
     dst = torch.empty_like(src)
     for _ in range(3):

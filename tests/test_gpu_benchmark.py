@@ -172,6 +172,35 @@ def test_a_section_that_fails_leaves_the_others():
     assert "header section not rendered: KeyError" in md and "## Targets (issues 16 and 22)" in md
 
 
+def test_cuda_only_measurements_with_a_stubbed_device(monkeypatch):
+    """The CUDA branches of the peak bandwidth and the peak memory, on CPU: torch.cuda's
+    answers stubbed, the arithmetic checked (an H100 SXM's HBM3: 2 × 2619 MHz × 5120 bit)."""
+    import torch
+
+    device = _load("gpu_device")
+    measure = _load("gpu_measure")
+    dev = SimpleNamespace(cuda=True, device=torch.device("cpu"), name="NVIDIA H100 80GB HBM3",
+                          marker=device._HostMark, sync=lambda: None)
+    props = SimpleNamespace(memory_clock_rate=2_619_000, memory_bus_width=5120)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: props)
+    got = device.device_bandwidth(dev, copy_mb=1)
+    assert got["peak_gb_s"] == pytest.approx(3352.3, abs=0.1) and "5120 bit" in got["peak_source"]
+    assert got["copy_mb"] == 1 and got["copy_gb_s"] > 0
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace())
+    assert device.device_bandwidth(dev, copy_mb=1)["peak_gb_s"] == 3350.0  # the data sheet's
+
+    allocated = {"now": 100 * 2**20, "peak": 100 * 2**20}
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda d: allocated.update(peak=allocated["now"]))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda d: allocated["now"])
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda d: allocated["peak"])
+    steps = []
+    run = measure.Runnable("x", lambda: (steps.append(1), allocated.update(peak=allocated["now"] + 30 * 2**20)),
+                           lambda: None)
+    assert measure.step_peak_memory(run, dev) == {"peak_mb": 130.0, "step_mb": 30.0} and steps == [1]
+    dev.cuda = False
+    assert measure.step_peak_memory(run, dev) is None
+
+
 def test_kernel_counting_reads_kineto_activity_types():
     measure = _load("gpu_measure")
 
@@ -210,7 +239,12 @@ def test_overhead_ratio_and_targets_on_made_up_rows():
                 "eager": {"ms": eager}, "graphed": {"ms": graphed}, "errors": {}, **extra}
 
     report = {"meta": {"smoke": False},
-              "models": [row("local", 10.0, 4.0), row("torch", 30.0, 5.0), row("distnorm", 19.0, 6.0)],
+              "models": [row("local", 10.0, 4.0, memory={"step_mb": 100.0}), row("torch", 30.0, 5.0),
+                         row("distnorm", 19.0, 6.0, memory={"step_mb": 103.0})],
+              "variants": [{"kind": "variant", "candidate": "sync", "batch": 2, "dtype": "fp32", "errors": {},
+                            "counts": {"kernels": 8.0, "collective_kernels": 2.0}, "host_syncs": 0.0},
+                           {"kind": "variant", "candidate": "brn", "batch": 2, "dtype": "fp32", "errors": {},
+                            "counts": {"kernels": 9.0, "collective_kernels": 2.0}, "host_syncs": 1.0}],
               "layers": [row("distnorm", 1.0, 0.1, kind="layer", shape=[2, 64, 56, 56],
                              counts={"kernels": 12.0, "memcpy": 1.0, "memset": 0.0}, host_syncs=0.0)]}
     assert gpu.overhead_ratio(19.0, 30.0, 10.0) == pytest.approx(0.45)
@@ -220,6 +254,9 @@ def test_overhead_ratio_and_targets_on_made_up_rows():
     assert met["ResNet-50 step graphed, batch 2, float32 NCHW"] is False     # 2 > 1 × 1
     assert met["≤ 10 GPU kernels per layer forward + backward (distnorm)"] is False
     assert met["0 host syncs per layer forward + backward (distnorm)"] is True
+    assert met["ResNet-50 step peak memory, batch 2, float32 NCHW"] is False                # 1.03 > 1.02
+    assert met["SyncBatchNorm"] is True                     # 6 own + 2 collectives
+    assert met["0 host syncs per layer forward + backward, every synced variant"] is False   # BRN: 1
     assert gpu.slug("NVIDIA H200") == "nvidia_h200"
     assert _load("gpu_measure").sync_warnings(["UserWarning: called a synchronizing CUDA operation (Triggered internally at ...)\nmore",
                               "some other warning"]) == [
