@@ -101,9 +101,9 @@ sys.path.insert(0, HERE)
 
 from _common import distnorm_provenance, machine_info  # noqa: E402
 from gpu_candidates import force_distnorm_sync  # noqa: E402
-from gpu_layer import run_layer, run_layer_counts, run_variant_counts  # noqa: E402
 from gpu_device import (CURRENT_ITEM, Device, Poisoned, describe, device_bandwidth,  # noqa: E402
                         inject_fault, run_communicator)
+from gpu_layer import run_layer, run_layer_counts, run_variant_counts  # noqa: E402
 from gpu_report import build_report, markdown, slug, summary  # noqa: E402
 from gpu_resnet import run_model, run_model_counts  # noqa: E402
 from gpu_settings import (BATCHES, DEFAULT_OUT, DTYPES, ITEM_TIMEOUT, LAYER_SHAPES, MAX_RESTARTS,  # noqa: E402
