@@ -250,7 +250,7 @@ def check_model(model: nn.Module) -> ModelReport:
         notes.append(f"{variable}={size} says this job runs {size} processes, but no process group "
                      "is initialized: synced layers would run as local BatchNorm. Call "
                      "torch.distributed.init_process_group() or "
-                     "distnorm.distributed.init_from_env() before the first forward")
+                     "distnorm.launch.env.init_from_env() before the first forward")
     if any(layer.group == "not a member" for layer in layers):
         notes.append("some layers' process_group does not contain this rank: their forward "
                      "raises on this rank")

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from distnorm.testing import split_batch
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARDS = (3, 5)     # uneven on purpose: statistics must be count-weighted
 STEPS = 2
@@ -43,8 +45,8 @@ def batches(seed: int, size: Sequence[int] = (3, 6, 5), classes: int = 3, scale:
 
 
 def shard(batch: Batch, rank: int, shards: Sequence[int] = SHARDS) -> Batch:
-    start = sum(shards[:rank])
-    return batch[0][start:start + shards[rank]], batch[1][start:start + shards[rank]]
+    """Rank ``rank``'s part of ``batch`` (:func:`distnorm.testing.split_batch`)."""
+    return split_batch(batch, shards)[rank]  # type: ignore[return-value]
 
 
 def reference_state(model: nn.Module, data: List[Batch], lr: float = LR) -> Dict[str, torch.Tensor]:

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from distnorm import cli
-from distnorm.distributed import launch
+from distnorm.launch import env as launch
+from distnorm.launch.local import free_port
 from tests._detection import TINY, load_train
 
 pytest.importorskip("torchvision")
@@ -171,8 +172,8 @@ def test_smoke_run_then_resume_gives_the_same_next_step_loss(tmp_path, capsys):
 @pytest.mark.slow
 def test_a_rank_that_never_joins_times_out_with_a_message():
     env = dict(os.environ, RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(launch.free_port()))
-    code = ("from distnorm.distributed.launch import init_from_env\n"
+               MASTER_PORT=str(free_port()))
+    code = ("from distnorm.launch.env import init_from_env\n"
             "try:\n    init_from_env(backend='gloo', timeout=2)\n"
             "except TimeoutError as e:\n    print('TIMEOUT', e)\n    raise SystemExit(3)\n")
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,

@@ -13,8 +13,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -35,6 +37,13 @@ def _load_script():
         sys.modules[name] = module
         spec.loader.exec_module(module)
     return sys.modules[name]
+
+
+def _load(part: str):
+    """One of the script's modules (gpu_measure, gpu_report, ...): loading the script
+    puts benchmarks/ on sys.path, as running it does."""
+    _load_script()
+    return importlib.import_module(part)
 
 
 @pytest.fixture(scope="module")
@@ -92,14 +101,27 @@ def test_smoke_run_writes_every_column(smoke):
         assert "counts" in row
     assert sum(models["distnorm"]["collectives"].values()) >= 2 * 53
 
+    # Every synced variant's kernels and syncs per layer, one shape per dtype.
+    variants = {(r["candidate"], r["dtype"]): r for r in report["variants"]}
+    assert {c for c, _ in variants} == {"sync", "brn", "cmbn", "cbn", "bin", "switchable"}
+    assert len(variants) == 12 and all("counts" in r and not r["errors"] for r in variants.values())
+    # The extra communicator (issue 23): created and used, its times recorded.
+    (comm,) = report["communicator"]
+    assert comm["communicator"]["backend"] == "gloo" and comm["communicator"]["create_s"] >= 0
+    assert report["meta"]["bandwidth"]["copy_gb_s"] > 0
+    assert report["meta"]["complete"] is True
+
     # The report: sections, ratio columns, the targets (never "met" in a smoke run).
-    for heading in ("## Targets (issue 16)", "## ResNet-50 training step", "## Per layer, float32 NCHW",
-                    "## Per layer, bf16 channels_last", "## Achieved memory bandwidth", "## Failures"):
+    for heading in ("## Targets (issues 16 and 22)", "## ResNet-50 training step", "## Per layer, float32 NCHW",
+                    "## Per layer, bf16 channels_last", "## Achieved memory bandwidth", "## Failures",
+                    "## Per synced variant", "## An extra communicator"):
         assert heading in md, heading
     assert "| N×C×H×W | local | torch | distnorm | floor |" in md
-    assert "(d−l)/(t−l)" in md and "distnorm / torch eager" in md
+    assert "(d−l)/(t−l)" in md and "distnorm / torch eager" in md and "% of peak" in md
+    assert "| CrossMiniBatchNorm | 2×8×6×6, float32 NCHW |" in md
     assert report["targets"] and all(t["met"] is None for t in report["targets"])
-    assert "Targets (issue 16):" in smoke.proc.stdout
+    assert "Targets (issues 16 and 22):" in smoke.proc.stdout
+    assert "not rendered" not in md
 
 
 @pytest.mark.slow
@@ -114,8 +136,73 @@ def test_smoke_run_survives_a_failed_capture_and_a_dead_worker(smoke):
     assert len(later) == 4 and all("counts" in r for r in later)
 
 
+@pytest.mark.slow
+def test_the_report_is_written_as_items_finish_and_printed_when_stopped(tmp_path):
+    """Under `timeout` (SIGTERM) the run stops, and the report written so far — rewritten
+    after each item — is completed and printed: a GPU run cut short still reports."""
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), "--smoke", "--only", "layers", "--out", str(tmp_path)],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    md = tmp_path / "gpu_smoke_cpu.md"
+    try:
+        deadline = time.monotonic() + 240
+        while not md.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert md.exists(), "no report while the run went on"
+        assert proc.poll() is None, "the run ended before it could be stopped"
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 2, err[-3000:]
+    report = json.loads((tmp_path / "gpu_smoke_cpu.json").read_text())
+    assert report["meta"]["stopped_by"] == "SIGTERM" and report["meta"]["complete"] is False
+    assert 0 < report["meta"]["items_finished"] < report["meta"]["items_planned"]
+    assert "# GPU benchmark" in out and "Targets (issues 16 and 22):" in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu_smoke_cpu.json", "gpu_smoke_cpu.md"]
+
+
+def test_a_section_that_fails_leaves_the_others():
+    report_module = _load("gpu_report")
+    report = {"meta": {"smoke": True, "device": "cpu"}, "settings": {}, "targets": [], "models": [],
+              "layers": [], "variants": [], "communicator": [], "failures": [], "skipped": []}
+    md = report_module.markdown(report)  # the header needs the settings' repetitions
+    assert "header section not rendered: KeyError" in md and "## Targets (issues 16 and 22)" in md
+
+
+def test_cuda_only_measurements_with_a_stubbed_device(monkeypatch):
+    """The CUDA branches of the peak bandwidth and the peak memory, on CPU: torch.cuda's
+    answers stubbed, the arithmetic checked (an H100 SXM's HBM3: 2 × 2619 MHz × 5120 bit)."""
+    import torch
+
+    device = _load("gpu_device")
+    measure = _load("gpu_measure")
+    dev = SimpleNamespace(cuda=True, device=torch.device("cpu"), name="NVIDIA H100 80GB HBM3",
+                          marker=device._HostMark, sync=lambda: None)
+    props = SimpleNamespace(memory_clock_rate=2_619_000, memory_bus_width=5120)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: props)
+    got = device.device_bandwidth(dev, copy_mb=1)
+    assert got["peak_gb_s"] == pytest.approx(3352.3, abs=0.1) and "5120 bit" in got["peak_source"]
+    assert got["copy_mb"] == 1 and got["copy_gb_s"] > 0
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace())
+    assert device.device_bandwidth(dev, copy_mb=1)["peak_gb_s"] == 3350.0  # the data sheet's
+
+    allocated = {"now": 100 * 2**20, "peak": 100 * 2**20}
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda d: allocated.update(peak=allocated["now"]))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda d: allocated["now"])
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda d: allocated["peak"])
+    steps = []
+    run = measure.Runnable("x", lambda: (steps.append(1), allocated.update(peak=allocated["now"] + 30 * 2**20)),
+                           lambda: None)
+    assert measure.step_peak_memory(run, dev) == {"peak_mb": 130.0, "step_mb": 30.0} and steps == [1]
+    dev.cuda = False
+    assert measure.step_peak_memory(run, dev) is None
+
+
 def test_kernel_counting_reads_kineto_activity_types():
-    gpu = _load_script()
+    measure = _load("gpu_measure")
 
     class Event:
         def __init__(self, name, activity=None, device="DeviceType.CUDA"):
@@ -138,31 +225,39 @@ def test_kernel_counting_reads_kineto_activity_types():
               # An older torch without activity_type: device and name decide.
               Event("triton_red_fused_0"), Event("Memcpy HtoD (Pageable -> Device)"),
               Event("aten::mul", device="DeviceType.CPU")]
-    counts, names = gpu.classify_device_events(events)
+    counts, names = measure.classify_device_events(events)
     assert counts == {"kernels": 3, "memcpy": 2, "memset": 1}
     assert names == {"at::native::vectorized_elementwise_kernel": 1,
                      "ncclDevKernel_AllReduce_Sum_f64_RING_LL": 1, "triton_red_fused_0": 1}
 
 
 def test_overhead_ratio_and_targets_on_made_up_rows():
-    gpu = _load_script()
+    gpu = _load("gpu_report")
 
     def row(name, eager, graphed, kind="model", **extra):
         return {"kind": kind, "candidate": name, "batch": 2, "dtype": "fp32",
                 "eager": {"ms": eager}, "graphed": {"ms": graphed}, "errors": {}, **extra}
 
     report = {"meta": {"smoke": False},
-              "models": [row("local", 10.0, 4.0), row("torch", 30.0, 5.0), row("distnorm", 19.0, 6.0)],
+              "models": [row("local", 10.0, 4.0, memory={"step_mb": 100.0}), row("torch", 30.0, 5.0),
+                         row("distnorm", 19.0, 6.0, memory={"step_mb": 103.0})],
+              "variants": [{"kind": "variant", "candidate": "sync", "batch": 2, "dtype": "fp32", "errors": {},
+                            "counts": {"kernels": 8.0, "collective_kernels": 2.0}, "host_syncs": 0.0},
+                           {"kind": "variant", "candidate": "brn", "batch": 2, "dtype": "fp32", "errors": {},
+                            "counts": {"kernels": 9.0, "collective_kernels": 2.0}, "host_syncs": 1.0}],
               "layers": [row("distnorm", 1.0, 0.1, kind="layer", shape=[2, 64, 56, 56],
                              counts={"kernels": 12.0, "memcpy": 1.0, "memset": 0.0}, host_syncs=0.0)]}
-    assert gpu._overhead_ratio(19.0, 30.0, 10.0) == pytest.approx(0.45)
-    assert gpu._overhead_ratio(19.0, 9.0, 10.0) is None  # torch no slower than local
+    assert gpu.overhead_ratio(19.0, 30.0, 10.0) == pytest.approx(0.45)
+    assert gpu.overhead_ratio(19.0, 9.0, 10.0) is None  # torch no slower than local
     met = {t["target"].split(":")[0]: t["met"] for t in gpu.evaluate_targets(report)}
     assert met["ResNet-50 step eager, batch 2, float32 NCHW"] is True        # 9 ≤ 0.5 × 20
     assert met["ResNet-50 step graphed, batch 2, float32 NCHW"] is False     # 2 > 1 × 1
     assert met["≤ 10 GPU kernels per layer forward + backward (distnorm)"] is False
     assert met["0 host syncs per layer forward + backward (distnorm)"] is True
+    assert met["ResNet-50 step peak memory, batch 2, float32 NCHW"] is False                # 1.03 > 1.02
+    assert met["SyncBatchNorm"] is True                     # 6 own + 2 collectives
+    assert met["0 host syncs per layer forward + backward, every synced variant"] is False   # BRN: 1
     assert gpu.slug("NVIDIA H200") == "nvidia_h200"
-    assert gpu.sync_warnings(["UserWarning: called a synchronizing CUDA operation (Triggered internally at ...)\nmore",
+    assert _load("gpu_measure").sync_warnings(["UserWarning: called a synchronizing CUDA operation (Triggered internally at ...)\nmore",
                               "some other warning"]) == [
         "UserWarning: called a synchronizing CUDA operation (Triggered internally at ...)"]

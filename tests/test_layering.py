@@ -219,3 +219,88 @@ def test_packed_sums_layout_has_one_home():
     assert torch.equal(sum_sq, torch.tensor([86.0, 158.0, 262.0], dtype=torch.float64))
     head, extra = distnorm._packing.split_packed(torch.cat([sums, torch.ones(5)]), 3)
     assert torch.equal(head, sums) and extra.numel() == 5
+
+
+# -- floors: process groups < launching < testing ----------------------------------------
+
+def _package_graph() -> Dict[str, Set[str]]:
+    """GRAPH with every module folded into its subpackage of distnorm (``distnorm.launch``,
+    ``distnorm.distributed``, ...; top-level modules stay themselves)."""
+    def fold(name: str) -> str:
+        parts = name.split(".")
+        sub = ".".join(parts[:2])
+        return sub if sub in MODULES and MODULES[sub].name == "__init__.py" else name
+
+    folded: Dict[str, Set[str]] = {}
+    for name, deps in GRAPH.items():
+        folded.setdefault(fold(name), set()).update(fold(d) for d in deps)
+    for name, deps in folded.items():
+        deps.discard(name)
+    return folded
+
+
+def test_process_groups_never_import_the_launchers():
+    """Launching depends on distnorm.distributed, never the reverse (a circle
+    distnorm.distributed <-> distnorm.launch.env existed through init_from_env and
+    import_before_init; the old names are now warning aliases in __getattr__)."""
+    for name, deps in GRAPH.items():
+        if name.startswith(f"{PACKAGE}.distributed"):
+            above = sorted(d for d in deps if d.startswith(f"{PACKAGE}.launch"))
+            assert not above, f"{name} imports {above}"
+    packages = _package_graph()
+    assert f"{PACKAGE}.distributed" in packages[f"{PACKAGE}.launch"]
+    assert f"{PACKAGE}.launch" not in packages[f"{PACKAGE}.distributed"]
+
+
+def test_no_circle_between_subpackages():
+    """No circle in the graph of subpackages either (a module of one package importing
+    another that imports it back is a circle in the design, even without a module
+    circle)."""
+    graph = _package_graph()
+    state: Dict[str, int] = {}
+
+    def visit(node: str, path: List[str]) -> List[str]:
+        state[node] = 1
+        for dep in sorted(graph.get(node, ())):
+            if state.get(dep) == 1:
+                return path + [node, dep]
+            if dep not in state:
+                found = visit(dep, path + [node])
+                if found:
+                    return found
+        state[node] = 2
+        return []
+
+    for start in sorted(graph):
+        if start not in state:
+            cycle = visit(start, [])
+            assert not cycle, "subpackage circle: " + " -> ".join(cycle)
+
+
+def test_the_product_does_not_import_its_test_harness():
+    """distnorm.testing sits on top: nothing else in distnorm imports it."""
+    for name, deps in GRAPH.items():
+        if not name.startswith(f"{PACKAGE}.testing"):
+            assert not any(d.startswith(f"{PACKAGE}.testing") for d in deps), name
+
+
+def test_moved_launch_names_are_warning_aliases():
+    import importlib
+    import warnings as _warnings
+
+    import distnorm.launch.env
+    import distnorm.launch.local
+
+    old = importlib.import_module("distnorm.distributed.launch")
+    for name, home in (("init_from_env", distnorm.launch.env), ("free_port", distnorm.launch.local),
+                       ("run_local", distnorm.launch.local), ("RendezvousError", distnorm.launch.env),
+                       ("import_before_init", distnorm.distributed)):
+        with pytest.warns(FutureWarning, match=f"import {name} from {home.__name__}"):
+            assert getattr(old, name) is getattr(home, name)
+    with pytest.warns(FutureWarning, match="import it from distnorm.launch.env"):
+        assert distnorm.distributed.init_from_env is distnorm.launch.env.init_from_env
+    with _warnings.catch_warnings():
+        _warnings.simplefilter("error")
+        assert distnorm.distributed.group_by is not None  # current names do not warn
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        old.nope  # noqa: B018

@@ -166,7 +166,7 @@ def test_two_hosts_two_ranks_each_see_the_same_synced_statistics(two_hosts, tmp_
 def test_a_node_that_never_joins_times_out(tmp_path):
     """One node of a 2-node job started alone: torchrun gives up after JOIN_TIMEOUT with
     RendezvousTimeoutError instead of waiting forever."""
-    from distnorm.distributed.launch import free_port
+    from distnorm.launch.local import free_port
 
     env = dict(os.environ, NNODES="2", NPROC_PER_NODE="1", RDZV_ENDPOINT=f"127.0.0.1:{free_port()}",
                RDZV_ID=f"lonely-{secrets.token_hex(3)}", JOIN_TIMEOUT="3",

@@ -163,7 +163,7 @@ def test_init_from_env_in_a_faked_slurm_task(monkeypatch):
 
     if dist.is_initialized():
         pytest.skip("a process group is already initialized in this process")
-    from distnorm.distributed.launch import free_port
+    from distnorm.launch.local import free_port
 
     _clean_env(monkeypatch, _one_task_env(free_port()))
     info = slurm.init_from_env("gloo", timeout=30)
@@ -180,7 +180,7 @@ def test_init_from_env_keeps_torchrun_variables(monkeypatch):
 
     if dist.is_initialized():
         pytest.skip("a process group is already initialized in this process")
-    from distnorm.distributed.launch import free_port
+    from distnorm.launch.local import free_port
 
     env = dict(fake_env(SLURM_PROCID="1"), RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                MASTER_PORT=str(free_port()))

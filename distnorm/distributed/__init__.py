@@ -2,6 +2,10 @@
 
 Layers resolve their group in ``forward`` (models are usually built before
 ``torch.distributed.init_process_group``), through :func:`resolve_group`.
+
+This package sits below the launchers: :mod:`distnorm.launch` imports it, never the
+reverse. ``distnorm.distributed.init_from_env`` is a deprecated alias of
+:func:`distnorm.launch.env.init_from_env` (it warns with a ``FutureWarning``).
 """
 
 from __future__ import annotations
@@ -19,8 +23,8 @@ from ..errors import layer_name
 
 ProcessGroup = dist.ProcessGroup if dist.is_available() else object
 
-__all__ = ["NoProcessGroupWarning", "group_by", "import_before_init", "init_from_env",
-           "launcher_world_size", "resolve_group", "world_size"]
+__all__ = ["NoProcessGroupWarning", "group_by", "import_before_init", "launcher_world_size",
+           "resolve_group", "world_size"]
 
 # The variables launchers set to tell a process how many processes the job has, in
 # the order they are read: torchrun / accelerate / deepspeed / any env:// launcher,
@@ -83,7 +87,7 @@ def _warn_no_group(owner: Any) -> None:
         f"{_owner_name(owner)}: {name}={size} says this job runs {size} processes, but torch.distributed "
         "has no process group in this one, so its synced layers normalize over this "
         "process's batch only (local BatchNorm). Call torch.distributed.init_process_group() "
-        "or distnorm.distributed.init_from_env() before the model's first forward "
+        "or distnorm.launch.env.init_from_env() before the model's first forward "
         "(warned once per process).", NoProcessGroupWarning, stacklevel=3)
 
 
@@ -192,7 +196,8 @@ def import_before_init() -> None:
     succeeded. Imported first, the defaults hold ``None``.
 
     Called when distnorm is imported (here) and by
-    :func:`~distnorm.launch.env.init_from_env`; a no-op once a process group exists
+    :func:`~distnorm.launch.env.init_from_env` (launching imports it from here: this
+    package never imports the launchers); a no-op once a process group exists
     (importing then would pin it).
     """
     if not dist.is_available() or dist.is_initialized():
@@ -209,10 +214,13 @@ import_before_init()
 
 
 def __getattr__(name: str) -> Any:
-    # init_from_env lives with the launchers (distnorm.launch.env), a floor above the
-    # process groups: importing it here eagerly would make the core import the
-    # launchers, and the launchers import distnorm.
+    # Deprecated alias: init_from_env lives with the launchers (distnorm.launch.env), a
+    # floor above the process groups. Launching depends on this package, never the
+    # reverse, so the alias resolves the name on first use only (no import at load).
     if name == "init_from_env":
+        warnings.warn("distnorm.distributed.init_from_env is deprecated and will be removed; "
+                      "import it from distnorm.launch.env (the same function)",
+                      FutureWarning, stacklevel=2)
         from ..launch.env import init_from_env
 
         return init_from_env

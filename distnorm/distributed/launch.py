@@ -1,22 +1,46 @@
-"""Former home of distnorm's launching helpers; they now live in :mod:`distnorm.launch`.
+"""Deprecated: the former home of distnorm's launching helpers, now in :mod:`distnorm.launch`.
 
-Every name that was importable from here still is:
+Every name that was importable from here still is, with a ``FutureWarning`` on first
+use that names its new home:
 
-* :func:`init_from_env`, :func:`env_from`, :class:`DistEnv`, :class:`RendezvousError`,
-  :func:`default_backend`, :func:`import_before_init` — :mod:`distnorm.launch.env`;
-* :func:`run_local`, :func:`free_port` — :mod:`distnorm.launch.local`.
+* :func:`~distnorm.launch.env.init_from_env`, :func:`~distnorm.launch.env.env_from`,
+  :class:`~distnorm.launch.env.DistEnv`, :class:`~distnorm.launch.env.RendezvousError`,
+  :func:`~distnorm.launch.env.default_backend`, ``REQUIRED`` — :mod:`distnorm.launch.env`;
+* :func:`~distnorm.distributed.import_before_init` — :mod:`distnorm.distributed`;
+* :func:`~distnorm.launch.local.run_local`, :func:`~distnorm.launch.local.free_port` —
+  :mod:`distnorm.launch.local`.
 
-Importing this module (``import distnorm`` does) imports :mod:`distnorm.launch.env`,
-which runs :func:`import_before_init` (a clean exit after ``destroy_process_group``).
+The names are resolved on use (PEP 562), so this module imports nothing from the
+launchers when it is loaded: :mod:`distnorm.launch` depends on
+:mod:`distnorm.distributed`, never the reverse. It will be removed in a later release.
 """
 
 from __future__ import annotations
 
-from ..launch.env import (REQUIRED, DistEnv, RendezvousError, default_backend, env_from, import_before_init,
-                          init_from_env)
-from ..launch.local import free_port, run_local
+import importlib
+import warnings
+from typing import Any, Dict
 
-__all__ = ["DistEnv", "RendezvousError", "default_backend", "env_from", "free_port", "import_before_init",
-           "init_from_env", "run_local"]
+# name -> the module that holds it now.
+_MOVED: Dict[str, str] = {
+    "DistEnv": "distnorm.launch.env",
+    "REQUIRED": "distnorm.launch.env",
+    "RendezvousError": "distnorm.launch.env",
+    "default_backend": "distnorm.launch.env",
+    "env_from": "distnorm.launch.env",
+    "init_from_env": "distnorm.launch.env",
+    "import_before_init": "distnorm.distributed",
+    "free_port": "distnorm.launch.local",
+    "run_local": "distnorm.launch.local",
+}
 
-_REEXPORTED = (REQUIRED,)
+__all__ = sorted(_MOVED)
+
+
+def __getattr__(name: str) -> Any:
+    home = _MOVED.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    warnings.warn(f"distnorm.distributed.launch is deprecated and will be removed; import {name} "
+                  f"from {home}", FutureWarning, stacklevel=2)
+    return getattr(importlib.import_module(home), name)

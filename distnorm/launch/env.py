@@ -17,10 +17,12 @@ joins (a node that was not started or cannot reach ``MASTER_ADDR``), which raise
 :class:`TimeoutError` instead of hanging. ``init_distributed`` is its former name,
 kept as a deprecated alias.
 
-A clean exit: importing this module (``import distnorm`` does) runs
-:func:`import_before_init`, so that torch modules imported later cannot keep the
+A clean exit: :func:`init_from_env` calls
+:func:`distnorm.distributed.import_before_init` before it starts the group (``import
+distnorm`` already did), so that torch modules imported later cannot keep the
 default process group alive past ``destroy_process_group`` (an abort at interpreter
-exit otherwise, after a job that succeeded).
+exit otherwise, after a job that succeeded). This module depends on
+:mod:`distnorm.distributed`, never the reverse.
 
 Everything here can be tested by faking the environment: :func:`env_from` and
 :class:`SlurmEnvironment` read any mapping given to them.
@@ -42,7 +44,7 @@ from .hostlist import expand_hostlist, expand_tasks_per_node
 
 __all__ = ["DEFAULT_TIMEOUT_S", "DistEnv", "PORT_MIN", "PORT_SPAN", "REQUIRED", "RendezvousError",
            "SlurmEnvironment", "SlurmEnvironmentError", "TORCH_VARIABLES", "default_backend", "env_from",
-           "import_before_init", "init_distributed", "init_from_env"]
+           "init_distributed", "init_from_env"]
 
 REQUIRED = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 #: The variables of torch.distributed's ``env://`` method that :class:`SlurmEnvironment` sets.
@@ -383,6 +385,3 @@ def init_distributed(backend: Optional[str] = None, timeout_s: float = DEFAULT_T
                 "this is not a Slurm task (no SLURM_PROCID). Launch with torchrun, srun, the templates "
                 "in slurm/, or `distnorm slurm submit`")
     return init_from_env(backend, timeout=timeout_s)
-
-
-# distnorm imports this module, usually before the script's init_process_group.

@@ -109,7 +109,7 @@ def _spawned(rank: int, world: int, init_file: str, threads: int, pg_timeout: fl
     import torch.distributed as dist
 
     # As a user's script does: distnorm imported before init_process_group (its import
-    # prepares a clean exit, see distnorm.launch.env.import_before_init).
+    # prepares a clean exit, see distnorm.distributed.import_before_init).
     import distnorm  # noqa: F401
 
     torch.set_num_threads(threads)

@@ -42,7 +42,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
 import distnorm
-from distnorm.distributed import launch
+from distnorm.launch.env import DistEnv, init_from_env
+from distnorm.launch.local import run_local
 
 
 def _load_data_module():
@@ -370,7 +371,7 @@ def run(args: argparse.Namespace) -> int:
     t_start = time.time()
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     backend = args.backend if args.backend != "auto" else auto_backend(use_cuda)
-    info = launch.init_from_env(backend, args.timeout)
+    info = init_from_env(backend, args.timeout)
     try:
         return _run(args, info, use_cuda, t_start)
     except JobError as error:
@@ -382,7 +383,7 @@ def run(args: argparse.Namespace) -> int:
             dist.destroy_process_group()
 
 
-def _run(args: argparse.Namespace, info: launch.DistEnv, use_cuda: bool, t_start: float) -> int:
+def _run(args: argparse.Namespace, info: DistEnv, use_cuda: bool, t_start: float) -> int:
     rank, world = info.rank, info.world_size
     # More ranks than GPUs (e.g. --nproc 2 on one GPU): they share the GPUs, over gloo.
     device = torch.device(f"cuda:{info.local_rank % torch.cuda.device_count()}" if use_cuda
@@ -541,7 +542,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
         check_world(args, nproc)
     except JobError as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
-    return launch.run_local(os.path.abspath(__file__), argv, nproc)
+    return run_local(os.path.abspath(__file__), argv, nproc)
 
 
 if __name__ == "__main__":
