@@ -85,7 +85,7 @@ from _common import Case, distnorm_provenance, machine_info, summarize, time_int
 from layer import count_collectives  # noqa: E402
 from model import MOMENTUM, NUM_CLASSES  # noqa: E402
 
-DEFAULT_OUT = os.path.join(HERE, "results")
+DEFAULT_OUT = "distnorm-bench-results"  # in the current directory; never the checkout's results
 
 # (C, H, W) of a layer's input: ResNet-50's stages at 224 px and an FPN level of a
 # detector at 800×1216 px; in the order they run (a run out of time skips the last).
@@ -1580,7 +1580,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true",
                         help="CPU, gloo, tiny shapes: check the script (no CUDA needed)")
     parser.add_argument("--out", default=None,
-                        help="results folder (default: benchmarks/results; --smoke: a temporary folder)")
+                        help="results folder (default: ./distnorm-bench-results; --smoke: a temporary folder)")
     parser.add_argument("--only", choices=("layers", "model"), default=None,
                         help="only the per-layer or only the ResNet-50 part")
     parser.add_argument("--budget", type=float, default=None,
