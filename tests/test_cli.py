@@ -203,3 +203,11 @@ def test_bench_run_from_another_folder_writes_there_not_into_the_checkout(tmp_pa
     written = tmp_path / "distnorm-bench-results"
     assert (written / "model_cpu.md").is_file() and (written / "model_cpu.png").is_file()
     assert committed_results() == before, "distnorm bench wrote into the checkout's benchmarks/results"
+
+
+def test_train_help_states_each_default_once(capsys):
+    code, out = _run(["train", "--help"], capsys)
+    text = " ".join(out.split())
+    assert code == 0 and "(default: None)" not in text
+    assert text.count("default: the number of GPUs, else 2") == 1
+    assert "adamw: torch's defaults (default: adamw)" in text

@@ -97,11 +97,13 @@ def _option(text: str) -> tuple:
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows each option's default, unless its help already says it (``default:``)."""
+    """Shows each option's default, unless its help already says it or it is ``None``."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        return text if "default:" in text else super()._get_help_string(action)
+        if "default:" in text or action.default is None:
+            return text
+        return super()._get_help_string(action)
 
 
 def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
