@@ -385,8 +385,8 @@ def first_step_note(args: argparse.Namespace, device: torch.device) -> str:
     from distnorm import kernels
 
     if device.type == "cpu" and args.norm not in ("bn", "gn", "frozen") and kernels.enabled():
-        return ("first step: compiling distnorm's CPU kernels with TorchInductor (10-30 s; "
-                "less once torch has them in its on-disk cache) …")
+        return ("first step: compiling distnorm's CPU kernels with TorchInductor (15-45 s on "
+                "2 cores; less once torch has them in its on-disk cache) …")
     return "first step (slower than the rest: one-time allocations and warm-up) …"
 
 
