@@ -197,7 +197,8 @@ def check_model(model: nn.Module) -> ModelReport:
     process group exists, e.g. at the start of training.
 
     Args:
-        model: the model, possibly wrapped (DDP, ``torch.compile``, Lightning).
+        model: the model, possibly wrapped (DDP, FSDP2's ``fully_shard`` or FSDP,
+            ``torch.compile``, Lightning).
 
     Returns:
         A :class:`ModelReport`; ``print`` it for a table, or read ``report.ok``,

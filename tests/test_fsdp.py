@@ -150,3 +150,28 @@ def test_fully_shard_bfloat16_keeps_float32_running_statistics(world2):
         # statistics are BatchNorm's on the concatenated batch, to float32 rounding.
         _assert_close(res["state"], ref["state"], 1e-5, ["0.running_mean", "0.running_var"])
         assert int(res["state"]["0.num_batches_tracked"]) == STEPS
+
+
+def _convert_after_wrapping(rank: int, world: int) -> Dict[str, str]:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
+
+    errors = {}
+    for wrapper in ("fully_shard", "fsdp"):
+        model = _make_model(torch.float32)
+        if wrapper == "fsdp":
+            model = FullyShardedDataParallel(model, device_id=torch.device("cpu"))
+        else:
+            fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
+        try:
+            distnorm.convert_model(model)
+        except ValueError as error:
+            errors[wrapper] = str(error)
+    return errors
+
+
+def test_converting_after_fsdp_is_refused_with_the_fix(world2):
+    for errors in world2.run(_convert_after_wrapping):
+        assert set(errors) == {"fully_shard", "fsdp"}, errors
+        for message in errors.values():
+            assert "call distnorm.convert_model before fully_shard" in message, message
