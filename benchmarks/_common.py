@@ -23,8 +23,16 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Case", "distnorm_provenance", "machine_info", "provenance_lines", "run_ranks", "summarize",
-           "time_interleaved"]
+__all__ = ["DEFAULT_OUT", "OUT_HELP", "Case", "distnorm_provenance", "machine_info", "provenance_lines",
+           "run_ranks", "summarize", "time_interleaved"]
+
+
+# Every benchmark writes where its user is: a folder in the current directory, never
+# the installed package's files nor a checkout's committed benchmarks/results (those
+# are refreshed only on purpose, with --out benchmarks/results).
+DEFAULT_OUT = "distnorm-bench-results"
+OUT_HELP = ("results folder (default: ./distnorm-bench-results in the current directory; "
+            "--out benchmarks/results refreshes the results committed in a checkout)")
 
 
 # -- spawning ranks ----------------------------------------------------------------------

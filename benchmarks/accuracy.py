@@ -47,7 +47,8 @@ Test accuracy (eval mode: rank 0's running statistics) is measured on held-out i
 every epoch. Results: ``<out>/accuracy.json`` (every number: configuration, per-epoch
 accuracy, per-step training loss, the sync-vs-bn8 check, timings), ``accuracy.md`` (the table),
 ``accuracy_curves.png`` and ``accuracy_final.png`` (``--out``, default
-``benchmarks/results``).
+``./distnorm-bench-results``; ``--out benchmarks/results``
+refreshes the committed results).
 
 Usage::
 
@@ -80,9 +81,8 @@ from typing import Any
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from _common import distnorm_provenance, machine_info, run_ranks
+from _common import DEFAULT_OUT, OUT_HELP, distnorm_provenance, machine_info, run_ranks
 
-DEFAULT_OUT = os.path.join(HERE, "results")
 ANIMAL_MNIST_PIN = "animal-mnist==0.4"
 INSTALL_HINT = (f"benchmarks/accuracy.py needs the animal silhouettes of the animal-mnist package; "
                 f"install it without its dependencies (it declares tensorflow, which only its own "
@@ -737,7 +737,7 @@ def git_revision() -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a few steps per method (smoke test)")
-    parser.add_argument("--out", default=DEFAULT_OUT, help="results folder (default benchmarks/results)")
+    parser.add_argument("--out", default=DEFAULT_OUT, help=OUT_HELP)
     parser.add_argument("--methods", nargs="+", metavar="M", help=f"subset of {list(METHODS)}")
     parser.add_argument("--epochs", type=int, default=0, help="default 4 (--quick: 2)")
     parser.add_argument("--train-per-class", type=int, default=0,

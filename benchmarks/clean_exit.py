@@ -227,8 +227,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--modes", default=",".join(MODES),
                         help=f"comma-separated, of {', '.join(MODES)} (default both)")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per run")
-    parser.add_argument("--out", default=os.path.join(HERE, "results"),
-                        help="directory for clean_exit.md and clean_exit.json")
+    parser.add_argument("--out", default="distnorm-bench-results",
+                        help="directory for clean_exit.md and clean_exit.json (default: "
+                             "./distnorm-bench-results; --out benchmarks/results refreshes the "
+                             "committed ones)")
     parser.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:

@@ -16,7 +16,8 @@ Usage::
     python benchmarks/faults.py --mode brn      # another synced variant
 
 Results: ``<out>/faults.md`` and ``<out>/faults.json`` (``--out``, default
-``benchmarks/results``).
+``./distnorm-bench-results``; ``--out benchmarks/results``
+refreshes the committed results).
 """
 
 from __future__ import annotations
@@ -36,14 +37,13 @@ sys.path[:0] = [HERE, ROOT]
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from _common import distnorm_provenance, machine_info  # noqa: E402
+from _common import DEFAULT_OUT, OUT_HELP, distnorm_provenance, machine_info  # noqa: E402
 
 # The scenarios (fault_* functions, their workers and data) are the library's, shared
 # with the tests: rows 1-10 (tests/test_faults.py) and 11-16 (tests/test_reliability.py).
 from distnorm.launch import fault_scenarios as fs  # noqa: E402
 from distnorm.launch.faults import PG_TIMEOUT_S, FaultRun, run_fault  # noqa: E402
 
-DEFAULT_OUT = os.path.join(HERE, "results")
 MESSAGE_CHARS = 160
 
 
@@ -383,7 +383,7 @@ def markdown(rows: Sequence[Dict[str, Any]], meta: Dict[str, Any]) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mode", default="sync", choices=fs.SYNCED, help="synced variant (default sync)")
-    parser.add_argument("--out", default=DEFAULT_OUT, help="results folder (default: benchmarks/results)")
+    parser.add_argument("--out", default=DEFAULT_OUT, help=OUT_HELP)
     args = parser.parse_args(argv)
     meta = dict(machine_info(), **distnorm_provenance(), mode=args.mode, pg_timeout_s=PG_TIMEOUT_S)
     rows = collect(args.mode)

@@ -72,7 +72,7 @@ Usage::
                                           # Python but the CUDA-only measurements
 
 Results: ``<out>/gpu_<device>.md`` and ``.json`` (``--out``, default
-``benchmarks/results``; ``--smoke`` writes ``gpu_smoke_cpu.*`` to a temporary folder
+``./distnorm-bench-results``; ``--out benchmarks/results`` refreshes the committed ones; ``--smoke`` writes ``gpu_smoke_cpu.*`` to a temporary folder
 unless ``--out`` is given).
 """
 
@@ -424,7 +424,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true",
                         help="CPU, gloo, tiny shapes: check the script (no CUDA needed)")
     parser.add_argument("--out", default=None,
-                        help="results folder (default: benchmarks/results; --smoke: a temporary folder)")
+                        help="results folder (default: ./distnorm-bench-results in the current directory; "
+                             "--out benchmarks/results refreshes the committed results; --smoke: a temporary folder)")
     parser.add_argument("--only", choices=("layers", "model"), default=None,
                         help="only the per-layer (and per-variant) or only the ResNet-50 part")
     parser.add_argument("--budget", type=float, default=None,

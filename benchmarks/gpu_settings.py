@@ -8,7 +8,9 @@ from dataclasses import dataclass
 from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_OUT = os.path.join(HERE, "results")
+# In the current directory: never the checkout's committed results (refreshed only with
+# --out benchmarks/results).
+DEFAULT_OUT = "distnorm-bench-results"
 
 # (C, H, W) of a layer's input: ResNet-50's stages at 224 px and an FPN level of a
 # detector at 800×1216 px; in the order they run (a run out of time skips the last).

@@ -42,7 +42,8 @@ Usage::
     python benchmarks/layer.py --profile  # torch.profiler per op, (2, 256, 56, 56), W = 2
 
 Results: ``<out>/layer_cpu.json`` and ``<out>/layer_cpu.md`` (``--out``, default
-``benchmarks/results``); ``--profile`` writes ``<out>/layer_profile_cpu.txt``.
+``./distnorm-bench-results``; ``--out benchmarks/results``
+refreshes the committed results); ``--profile`` writes ``<out>/layer_profile_cpu.txt``.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import (Case, distnorm_provenance, machine_info, provenance_lines, run_ranks, summarize,  # noqa: F401
+from _common import (DEFAULT_OUT, OUT_HELP, Case, distnorm_provenance, machine_info, provenance_lines, run_ranks, summarize,  # noqa: F401
                      time_interleaved)
 
 Shape = tuple[int, int, int, int]
@@ -83,7 +84,6 @@ LABELS = {"local": "local BN", "distnorm": "distnorm", "distnorm_eager": "distno
           "torch_algo": "torch-algo", "torch_algo_var_mean": "torch-algo (var_mean)"}
 FAIRSCALE_HINT = ("fairscale is not installed: its column is skipped. "
                   "Install it with `pip install fairscale` (or `pip install -e .[bench]`).")
-DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 # -- implementations --------------------------------------------------------------------
@@ -690,7 +690,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="W=2, one small shape, few reps (smoke test)")
     parser.add_argument("--check", action="store_true", help="only the correctness check (W=2)")
     parser.add_argument("--profile", action="store_true", help="only the torch.profiler run")
-    parser.add_argument("--out", default=DEFAULT_OUT, help="results folder (default: benchmarks/results)")
+    parser.add_argument("--out", default=DEFAULT_OUT, help=OUT_HELP)
     parser.add_argument("--worlds", type=int, nargs="+", default=None, help="world sizes (default 2 4)")
     parser.add_argument("--shapes", nargs="+", default=None, metavar="NxCxHxW",
                         help="per-rank shapes, e.g. 2x256x56x56 (default: 7 ResNet-50 layers)")

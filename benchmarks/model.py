@@ -44,7 +44,8 @@ Usage::
     python benchmarks/model.py --report results/model_cpu.json  # rebuild .md/.png, no run
 
 Results: ``<out>/model_cpu.json``, ``<out>/model_cpu.md`` and ``<out>/model_cpu.png``
-(``--out``, default ``benchmarks/results``); ``--profile`` writes
+(``--out``, default ``./distnorm-bench-results``; ``--out benchmarks/results``
+refreshes the committed results); ``--profile`` writes
 ``<out>/model_profile_cpu.txt``.
 """
 
@@ -60,7 +61,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import Case, distnorm_provenance, machine_info, provenance_lines, run_ranks, summarize, time_interleaved
+from _common import DEFAULT_OUT, OUT_HELP, Case, distnorm_provenance, machine_info, provenance_lines, run_ranks, summarize, time_interleaved
 from layer import (
     FAIRSCALE_HINT,
     _fairscale_cls,
@@ -75,7 +76,6 @@ METHODS = ["local", "sync", "sync_eager", "cbn", "brn", "cmbn", "gn", "fairscale
 LABELS = {"local": "local BN", "sync": "distnorm sync", "sync_eager": "sync, eager ops", "cbn": "CBN", "brn": "BRN",
           "cmbn": "CmBN", "gn": "GN", "fairscale": "fairscale", "torch_algo": "torch-algo"}
 DISTNORM_MODES = ("sync", "cbn", "brn", "cmbn", "gn")
-DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 DEFAULT_SIZE, QUICK_SIZE = 224, 32
 LR, MOMENTUM, NUM_CLASSES = 1e-3, 0.9, 1000
 
@@ -559,7 +559,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help=f"W=2, {QUICK_SIZE} px, 2 reps (smoke test)")
     parser.add_argument("--profile", action="store_true",
                         help="only the torch.profiler run (local BN, sync, torch-algo)")
-    parser.add_argument("--out", default=DEFAULT_OUT, help="results folder (default: benchmarks/results)")
+    parser.add_argument("--out", default=DEFAULT_OUT, help=OUT_HELP)
     parser.add_argument("--worlds", type=int, nargs="+", default=None, help="world sizes (default 2)")
     parser.add_argument("--size", type=int, default=None, help=f"image side in px (default {DEFAULT_SIZE})")
     parser.add_argument("--batch", type=int, default=2, help="images per rank (default 2)")

@@ -197,7 +197,8 @@ def check_model(model: nn.Module) -> ModelReport:
     process group exists, e.g. at the start of training.
 
     Args:
-        model: the model, possibly wrapped (DDP, ``torch.compile``, Lightning).
+        model: the model, possibly wrapped (DDP, FSDP2's ``fully_shard`` or FSDP,
+            ``torch.compile``, Lightning).
 
     Returns:
         A :class:`ModelReport`; ``print`` it for a table, or read ``report.ok``,
@@ -232,7 +233,11 @@ def check_model(model: nn.Module) -> ModelReport:
         else:
             synced, group, ranks = False, "-", None
         nonfinite = getattr(module, "nonfinite", None)
-        layers.append(LayerReport(name, type(module).__name__, mode, synced, group, ranks,
+        # distnorm's class, also when a wrapper subclassed it (FSDP2's fully_shard on the
+        # layer itself makes an "FSDPSyncBatchNorm").
+        kind = next(cls.__name__ for cls in type(module).__mro__
+                    if cls.__module__.startswith(("distnorm.modules", "distnorm.catalogue")))
+        layers.append(LayerReport(name, kind, mode, synced, group, ranks,
                                   nonfinite if isinstance(nonfinite, str) else None))
 
     initialized = dist.is_available() and dist.is_initialized()

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import os
 import sys
 import textwrap
 import types
@@ -100,8 +99,9 @@ def _bench_parser() -> argparse.ArgumentParser:
         description="Run one of distnorm's benchmarks; `distnorm bench NAME --help` lists "
                     "its options.\n\n" + "\n".join(lines),
         epilog="Without NAME, `distnorm bench ARGS` runs the per-layer benchmark. Results go "
-               "to --out: by default benchmarks/results in a checkout, and "
-               f"./{_RESULTS} when run from an installed package.")
+               f"to --out, by default ./{_RESULTS} in the current directory, never into "
+               "the installed package or a checkout's files; in a checkout, --out "
+               "benchmarks/results refreshes the committed results.")
     parser.add_argument("name", choices=list(BENCHMARKS), nargs="?", help="which benchmark")
     return parser
 
@@ -123,12 +123,6 @@ def _bench(argv: List[str]) -> int:
               "install a distnorm release that ships it, or run it from a checkout of the "
               "repository", file=sys.stderr)
         return 2
-    wants_help = any(a in ("-h", "--help") for a in argv)
-    gives_out = any(a == "--out" or a.startswith("--out=") for a in argv)
-    if (not wants_help and not gives_out and path.is_relative_to(_scripts._PACKAGE)
-            and '"--out"' in path.read_text(encoding="utf-8")):
-        # Installed: the script's default (next to the script) is inside site-packages.
-        argv = [*argv, "--out", os.path.join(os.getcwd(), _RESULTS)]
     return _run_script(path, f"distnorm bench {name}", argv)
 
 

@@ -6,7 +6,7 @@ A variant registered once with :func:`register_variant` is reachable as
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import warnings
 
@@ -82,6 +82,21 @@ def _replace(root: nn.Module, swap: Callable[[str, nn.Module], Optional[nn.Modul
     return visit("", root)
 
 
+def _refuse_sharded(module: nn.Module, sources: Tuple[type, ...]) -> None:
+    """Refuse a model FSDP already wraps: FSDP2 has sharded its parameters into DTensors
+    and FSDP has flattened them, so a layer made from them would hold parameters FSDP
+    no longer manages (and fail in its forward with an unrelated-looking error)."""
+    if not any(type(m) in sources or _is_norm_act(m) for m in module.modules()):
+        return
+    for name, sub in module.named_modules():
+        # By class name: importing torch.distributed.fsdp to ask costs an import.
+        if {"FSDPModule", "FullyShardedDataParallel"} & {c.__name__ for c in type(sub).__mro__}:
+            raise ValueError(
+                f"convert_model: {name or 'the model'!s} is already wrapped by FSDP "
+                f"({type(sub).__name__}); call distnorm.convert_model before fully_shard / "
+                "FullyShardedDataParallel, as before DistributedDataParallel")
+
+
 def convert_model(module: nn.Module, mode: str = "sync", process_group: Optional[Any] = None,
                   **options: Any) -> nn.Module:
     """Replace every BatchNorm layer of ``module`` by the distnorm variant ``mode``.
@@ -114,6 +129,7 @@ def convert_model(module: nn.Module, mode: str = "sync", process_group: Optional
     canonical = resolve_mode(mode)
     target = variant(canonical)
     sources = _source_types()
+    _refuse_sharded(module, sources)
     made: Dict[int, str] = {}  # id(new layer) -> mode, recorded for check_model
 
     def swap(name: str, child: nn.Module) -> Optional[nn.Module]:

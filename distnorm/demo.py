@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import argparse
 import io
-from typing import Dict, List, Optional
+import os
+import sys
+import time
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -87,17 +90,24 @@ def _compare(state: Dict[str, torch.Tensor], ref: Dict[str, torch.Tensor]) -> Di
 
 
 def run(world: int = 2, per_rank: int = 2, steps: int = 5, size: int = 32, classes: int = 4,
-        lr: float = 0.02) -> List[Dict[str, object]]:
-    """Run the demo and return its table rows (also printed by :func:`main`)."""
+        lr: float = 0.02, status: Optional[Callable[[str], None]] = None) -> List[Dict[str, object]]:
+    """Run the demo and return its table rows (also printed by :func:`main`).
+
+    ``status``, if given, is called with a line before each part that takes a while.
+    """
+    say = status or (lambda line: None)
     args = argparse.Namespace(world=world, per_rank=per_rank, steps=steps, size=size,
                               classes=classes, lr=lr)
     xs, ys = _data(steps, per_rank * world, size, classes)
+    say(f"training the reference: one process, nn.BatchNorm2d, batches of {per_rank * world} …")
     reference = _model(classes)
     ref_losses = torch.stack(_train(reference, xs, ys, lr))
     ref_state = {k: v.detach().clone() for k, v in reference.state_dict().items()}
 
     # Every rank must also exit cleanly: spawn fails on an abort at interpreter exit
     # after destroy_process_group, a failed job for torchrun, Slurm or CI.
+    say(f"starting {world} ranks (CPU, gloo), each training synced BN and then local BN on "
+        f"its {per_rank} samples (15-60 s: each rank imports torch and torchvision first) …")
     payload = spawn(_rank_main, world, args, timeout=600.0, pg_timeout=120.0)[0]
     results = torch.load(io.BytesIO(payload))
 
@@ -129,7 +139,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--steps", type=int, default=5, help="SGD steps")
     parser.add_argument("--size", type=int, default=32, help="image side in pixels")
     args = parser.parse_args(argv)
-    rows = run(world=args.world, per_rank=args.per_rank, steps=args.steps, size=args.size)
+    cores = os.cpu_count() or 1
+    if args.world > cores:
+        print(f"distnorm demo: warning: {args.world} ranks on {cores} CPU cores; they will take "
+              f"turns and the demo will be slower", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+
+    def status(line: str) -> None:
+        print(f"[{time.perf_counter() - start:5.1f} s] {line}", flush=True)
+
+    rows = run(world=args.world, per_rank=args.per_rank, steps=args.steps, size=args.size,
+               status=status)
+    status("done\n")
     print(f"ResNet-18 (torchvision), {args.steps} SGD steps, differences against one process "
           f"with nn.BatchNorm2d on the batch of {args.world * args.per_rank}:\n")
     print(format_table(rows))

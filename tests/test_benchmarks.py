@@ -23,15 +23,29 @@ pytestmark = pytest.mark.slow
 
 
 
-def _run(*args: str) -> subprocess.CompletedProcess:
+def _run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONWARNINGS="ignore")
-    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=600, check=False)
 
 
+def committed_results() -> dict:
+    """Every file of the checkout's benchmarks/results with its bytes, and git's view of them."""
+    folder = ROOT / "benchmarks" / "results"
+    files = {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    git = subprocess.run(["git", "status", "--porcelain", "--", str(folder)], cwd=ROOT,
+                         capture_output=True, text=True, check=False)
+    return {"files": files, "git": git.stdout if git.returncode == 0 else None}
+
+
 def test_layer_benchmark_quick_reports_every_column(tmp_path):
-    proc = _run("--quick", "--out", str(tmp_path))
+    # Run as a user would from a folder of their own, without --out: the results land
+    # there, and the checkout's committed results stay as they were.
+    before = committed_results()
+    proc = _run("--quick", cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert committed_results() == before, "the benchmark wrote into the checkout's benchmarks/results"
+    tmp_path = tmp_path / "distnorm-bench-results"
     payload = json.loads((tmp_path / "layer_cpu.json").read_text())
     assert (tmp_path / "layer_cpu.md").read_text().startswith("# Per-layer benchmark")
 

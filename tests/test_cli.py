@@ -89,9 +89,9 @@ def test_subcommand_help(capsys, command):
 # -- the layout of an installed (non-editable) package ------------------------------------
 
 SCRIPT = '''"""A stand-in benchmark: report what it was run with."""
-import argparse, json, sys
+import argparse, json, os, sys
 parser = argparse.ArgumentParser()
-parser.add_argument("--out", default="next-to-the-script")
+parser.add_argument("--out", default=os.path.abspath("distnorm-bench-results"))
 parser.add_argument("--quick", action="store_true")
 args = parser.parse_args()
 print(json.dumps({"prog": parser.prog, "out": args.out, "file": __file__, "name": __name__}))
@@ -168,3 +168,46 @@ def test_wheel_ships_the_scripts_and_license(tmp_path):
     meta = next(n for n in names if n.endswith(".dist-info/METADATA"))
     text = zipfile.ZipFile(wheel).read(meta).decode()
     assert "Requires-Dist: torch<2.15,>=2.11" in text or "Requires-Dist: torch>=2.11,<2.15" in text
+
+
+# -- where the benchmarks write -------------------------------------------------------------
+
+def test_every_benchmark_help_names_the_same_default_out(capsys):
+    """`distnorm bench --help` and every script's --help agree: ./distnorm-bench-results."""
+    code, out = _run(["bench", "--help"], capsys)
+    assert code == 0 and "./distnorm-bench-results" in " ".join(out.split())
+    for name in cli.BENCHMARKS:
+        if cli.script_path("bench", cli.BENCHMARKS[name][0]) is None:
+            continue
+        code, out = _run(["bench", name, "--help"], capsys)
+        text = " ".join(out.split())
+        assert code == 0 and "--out" in text and "./distnorm-bench-results" in text, name
+        assert "default: benchmarks/results" not in text, name
+
+
+def test_bench_run_from_another_folder_writes_there_not_into_the_checkout(tmp_path):
+    """`distnorm bench model --report` (a real run of the script, without ranks) from a
+    folder of the user's: the results appear under it, the checkout's stay untouched."""
+    pytest.importorskip("matplotlib")
+    from tests.test_benchmarks import committed_results
+
+    saved = ROOT / "benchmarks" / "results" / "model_cpu.json"
+    if not saved.is_file():
+        pytest.skip("no committed model_cpu.json in this checkout")
+    before = committed_results()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+               MPLBACKEND="Agg")
+    proc = subprocess.run([sys.executable, "-m", "distnorm", "bench", "model", "--report", str(saved)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    written = tmp_path / "distnorm-bench-results"
+    assert (written / "model_cpu.md").is_file() and (written / "model_cpu.png").is_file()
+    assert committed_results() == before, "distnorm bench wrote into the checkout's benchmarks/results"
+
+
+def test_train_help_states_each_default_once(capsys):
+    code, out = _run(["train", "--help"], capsys)
+    text = " ".join(out.split())
+    assert code == 0 and "(default: None)" not in text
+    assert text.count("default: the number of GPUs, else 2") == 1
+    assert "adamw: torch's defaults (default: adamw)" in text

@@ -157,6 +157,7 @@ def test_smoke_run_then_resume_gives_the_same_next_step_loss(tmp_path, capsys):
     assert isinstance(a["map"], float) and 0.0 <= a["map"] <= 1.0
     assert {"map", "map_50", "map_75", "mar_100"} <= set(a["final"])
     assert a["time"]["total_s"] > 0 and a["time"]["step_s"] > 0
+    assert 0 < a["time"]["first_step_s"] <= a["time"]["train_s"]
     assert a["args"]["norm"] == "cbn"
     ckpt = first / "checkpoints" / "step_000002.pt"
     assert ckpt.exists() and (first / "checkpoints" / "last.pt").exists()
@@ -181,6 +182,26 @@ def test_a_rank_that_never_joins_times_out_with_a_message():
     assert proc.returncode == 3, proc.stderr[-2000:]
     assert "TIMEOUT rank 0: not all 2 ranks joined the job at 127.0.0.1" in proc.stdout
     assert "within 2 s" in proc.stdout
+
+
+def test_status_lines_before_the_waits(monkeypatch, capsys):
+    """More ranks x threads than cores is said once, on stderr; the first step's note
+    names the kernel compilation when there is one."""
+    train = load_train()
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    train.warn_oversubscribed(2, 1)
+    assert capsys.readouterr().err == ""
+    train.warn_oversubscribed(4, 1)
+    err = capsys.readouterr().err
+    assert "4 ranks x 1 threads" in err and "2 CPU cores" in err and "--nproc" in err
+    args = train.build_parser().parse_args(["--norm", "sync"])
+    monkeypatch.setenv("DISTNORM_COMPILE", "1")
+    assert "compiling distnorm's CPU kernels" in train.first_step_note(args, torch.device("cpu"))
+    monkeypatch.setenv("DISTNORM_COMPILE", "0")
+    assert "compiling" not in train.first_step_note(args, torch.device("cpu"))
+    args = train.build_parser().parse_args(["--norm", "bn"])
+    monkeypatch.setenv("DISTNORM_COMPILE", "1")
+    assert "compiling" not in train.first_step_note(args, torch.device("cpu"))
 
 
 @pytest.mark.parametrize("gpus,ranks,want", [(0, 2, "gloo"), (1, 1, "nccl"), (1, 2, "gloo"),

@@ -39,7 +39,8 @@ def default_script() -> str:
     return str(path)
 
 
-DEFAULT_BENCH_OUT = os.path.join("benchmarks", "results", "slurm-{job_id}")
+# Under the directory the job is submitted from, never the checkout's committed results.
+DEFAULT_BENCH_OUT = os.path.join("distnorm-bench-results", "slurm-{job_id}")
 
 
 def _read_node(node_dir: str) -> Dict[str, Any]:

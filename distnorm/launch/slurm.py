@@ -151,7 +151,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                        "node) and write OUT/results.md with all nodes' rows.")
     _slurm_options(p, cpus=4)
     p.add_argument("--out", default=DEFAULT_BENCH_OUT, help="results folder ({job_id} is replaced; "
-                   "default benchmarks/results/slurm-{job_id})")
+                   "default ./distnorm-bench-results/slurm-{job_id})")
     p.add_argument("--script", default=None, help="benchmark script (default: this installation's benchmarks/layer.py)")
     p.add_argument("--quick", action="store_true", help="pass --quick to the benchmark (smoke test)")
     p.add_argument("args", nargs=argparse.REMAINDER, help="more arguments of the benchmark script")

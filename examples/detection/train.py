@@ -28,6 +28,7 @@ import importlib.util
 import json
 import math
 import os
+import platform
 import random
 import shutil
 import sys
@@ -96,11 +97,21 @@ def _option(text: str) -> tuple:
     return key.strip(), value
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, unless its help already says it or it is ``None``."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default:" in text or action.default is None:
+            return text
+        return super()._get_help_string(action)
+
+
 def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog, description="Detection-style small-batch training with distnorm "
         "(torchvision detector, DDP, digits pasted on canvases, COCO mAP).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_HelpFormatter)
     model = parser.add_argument_group("model and normalization")
     model.add_argument("--model", choices=sorted(MODELS), default="ssdlite",
                        help="torchvision detector, built with weights=None, weights_backbone=None "
@@ -126,7 +137,8 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
                      help="micro-batches per optimizer step (cmbn accumulates its statistics "
                      "over them)")
     opt.add_argument("--steps", type=int, default=300, help="optimizer steps in total")
-    opt.add_argument("--optimizer", choices=("sgd", "adamw"), default="adamw")
+    opt.add_argument("--optimizer", choices=("sgd", "adamw"), default="adamw",
+                     help="sgd: momentum 0.9; adamw: torch's defaults")
     opt.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
     opt.add_argument("--weight-decay", type=float, default=1e-4)
     opt.add_argument("--warmup", type=int, default=30, help="linear warm-up steps (then cosine)")
@@ -140,7 +152,7 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
                      help="continue from a checkpoint (auto: OUT/checkpoints/last.pt if present)")
     run.add_argument("--nproc", type=int, default=None,
                      help="ranks to start on this machine when no launcher (torchrun, Slurm) "
-                     "set RANK/WORLD_SIZE (default: number of GPUs, else 2)")
+                     "set RANK/WORLD_SIZE (default: the number of GPUs, else 2)")
     run.add_argument("--backend", choices=("auto", "gloo", "nccl"), default="auto",
                      help="auto: nccl when each rank has a GPU of its own, gloo otherwise "
                           "(CPU, or ranks sharing a GPU)")
@@ -360,6 +372,25 @@ def load_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimize
 
 # -- the job -----------------------------------------------------------------------------
 
+def warn_oversubscribed(ranks: int, threads: int) -> None:
+    """Say so when this machine's ranks run more threads than it has cores."""
+    cores = os.cpu_count() or 1
+    if ranks * threads > cores:
+        print(f"distnorm train: warning: {ranks} ranks x {threads} threads on this machine exceed "
+              f"its {cores} CPU cores; the ranks will wait for each other and every step will be "
+              f"slower (lower --nproc or --threads)", file=sys.stderr, flush=True)
+
+
+def first_step_note(args: argparse.Namespace, device: torch.device) -> str:
+    """What the first training step does besides training, said before it starts."""
+    from distnorm import kernels
+
+    if device.type == "cpu" and args.norm not in ("bn", "gn", "frozen") and kernels.enabled():
+        return ("first step: compiling distnorm's CPU kernels with TorchInductor (15-45 s on "
+                "2 cores; less once torch has them in its on-disk cache) …")
+    return "first step (slower than the rest: one-time allocations and warm-up) …"
+
+
 def auto_backend(use_cuda: bool) -> str:
     """NCCL when every rank of this machine has a GPU of its own; gloo otherwise (CPU,
     or several ranks sharing a GPU: one GPU cannot hold two NCCL ranks)."""
@@ -393,6 +424,8 @@ def _run(args: argparse.Namespace, info: DistEnv, use_cuda: bool, t_start: float
     check_world(args, world)
     is_main = rank == 0
     log = print if is_main else (lambda *a, **k: None)
+    if not use_cuda and info.local_rank == 0:
+        warn_oversubscribed(info.local_world_size, torch.get_num_threads())
 
     model = apply_norm(build_model(args.model, args.image_size, args.seed), args).to(device)
     layers = norm_layers(model)
@@ -404,6 +437,8 @@ def _run(args: argparse.Namespace, info: DistEnv, use_cuda: bool, t_start: float
     else:
         optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
 
+    log(f"preparing data: {args.train_images} training and {args.val_images} validation images "
+        f"composed from {args.digits} digits (drawn on the fly; nothing is downloaded) …", flush=True)
     train_set = DigitDetection(args.train_images, args.image_size, "train", args.seed, args.digits,
                                args.max_objects)
     val_set = DigitDetection(args.val_images, args.image_size, "val", args.seed, args.digits,
@@ -430,6 +465,8 @@ def _run(args: argparse.Namespace, info: DistEnv, use_cuda: bool, t_start: float
         f"{args.batch_size} images x {A} micro-batches, {args.image_size} px, backend "
         f"{dist.get_backend()}, device {device.type}")
 
+    if start < args.steps:
+        log(first_step_note(args, device), flush=True)
     seen: List[List[int]] = []
     progress = None
     if is_main and not args.no_progress:
@@ -440,6 +477,7 @@ def _run(args: argparse.Namespace, info: DistEnv, use_cuda: bool, t_start: float
     say = progress.write if progress is not None else log
     t_setup = time.time() - t_start
     train_s = eval_s = 0.0
+    first_step_s: Optional[float] = None
     batches = iter(loader)
     ddp.train()
     for step in range(start, args.steps):
@@ -479,6 +517,9 @@ def _run(args: argparse.Namespace, info: DistEnv, use_cuda: bool, t_start: float
         record["loss"].append(value)
         record["lr"].append(lr)
         train_s += time.time() - t0
+        if step == start:
+            first_step_s = time.time() - t0
+            say(f"first step took {first_step_s:.1f} s; the next ones are faster")
         if progress is not None:
             progress.set_postfix(loss=f"{value:.3f}", lr=f"{lr:.2g}", refresh=False)
             progress.update(1)
@@ -515,11 +556,14 @@ def _run(args: argparse.Namespace, info: DistEnv, use_cuda: bool, t_start: float
         results = {
             "args": vars(args), "world_size": world, "backend": dist.get_backend(),
             "device": device.type, "torch": torch.__version__, "distnorm": distnorm.__version__,
+            "machine": {"cpu_count": os.cpu_count(), "arch": platform.machine(),
+                        "python": platform.python_version(), "threads_per_rank": torch.get_num_threads()},
             "norm_layers": len(layers), "resumed_from_step": start if resume else None,
             "loss": record["loss"], "lr": record["lr"], "eval": record["eval"], "final": final,
             "map": None if final is None else final["map"],
             "time": {"total_s": time.time() - t_start, "setup_s": t_setup, "train_s": train_s,
-                     "eval_s": eval_s, "step_s": train_s / ran if ran > 0 else None},
+                     "eval_s": eval_s, "step_s": train_s / ran if ran > 0 else None,
+                     "first_step_s": first_step_s},
         }
         os.makedirs(args.out, exist_ok=True)
         path = os.path.join(args.out, "results.json")
@@ -542,6 +586,8 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
         check_world(args, nproc)
     except JobError as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
+    print(f"{parser.prog}: starting {nproc} ranks on this machine; each imports torch and "
+          f"torchvision and builds the {args.model} model (10-30 s) …", flush=True)
     return run_local(os.path.abspath(__file__), argv, nproc)
 
 
