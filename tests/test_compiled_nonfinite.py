@@ -12,7 +12,7 @@ ranks of the shared pool (whose exit codes the pool checks), torch.compile on CP
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List
+from typing import Any, Dict
 
 import pytest
 import torch

@@ -86,6 +86,9 @@ from .. import kernels
 from .._compat import functional_collectives
 from ..errors import NonFiniteError, SyncError
 from . import nonfinite as _nonfinite
+from ._readback import TOP_BIT as _TOP_BIT
+from ._readback import DeferredCheck as _DeferredCheck
+from ._readback import ranks_in as _ranks_in
 
 __all__ = ["DEBUG_ENV", "DEFAULT_TIMEOUT_S", "NONFINITE_POLICIES", "TIMEOUT_ENV", "Call",
            "InFlight", "SyncContext", "all_reduce", "resolve_timeout", "set_transport",
@@ -102,8 +105,6 @@ NONFINITE_POLICIES = ("raise", "skip")
 # square of their sum, stay exact in float64.
 _MOD = 1 << 16
 _MAX_EXACT_WORLD = 1024
-# Rank r sets bit 2^min(r, 52) of a bit field: exact (and named) up to 53 ranks.
-_TOP_BIT = 52
 # The tail of every packet: [non-finite bits, no-autograd bits, header bits, tag, tag²,
 # mode, mode², call, call², seq, seq²]; mode = 2·header + no-autograd.
 _TAIL = 11
@@ -141,11 +142,6 @@ def resolve_timeout(value: Optional[float] = None) -> Optional[float]:
 
 def _bit(rank: int) -> float:
     return float(2 ** min(rank, _TOP_BIT))
-
-
-def _ranks_in(bits: float, ranks: List[int]) -> List[int]:
-    value = int(bits)
-    return [ranks[i] for i in range(min(len(ranks), _TOP_BIT + 1)) if value >> i & 1]
 
 
 @dataclass
@@ -298,36 +294,6 @@ def stop_recording(group: Any) -> None:
     shared = _SHARED.get(group)
     if shared is not None:
         shared.trace = None
-
-
-class _DeferredCheck:
-    """A guard's tail copied back to the host without waiting, and the check to run
-    on it once the copy has landed (a pinned buffer and an event on CUDA)."""
-
-    def __init__(self, tail: Tensor, check: Callable[[List[float]], None]) -> None:
-        self.check = check
-        self.event: Optional[Any] = None
-        if tail.is_cuda:
-            # The copy runs on the current stream of the tensor's device, which need
-            # not be the current device: the event must be recorded on that stream.
-            with torch.cuda.device(tail.device):
-                self.host = torch.empty(tail.shape, dtype=tail.dtype, pin_memory=True)
-                self.host.copy_(tail, non_blocking=True)
-                self.event = torch.cuda.Event()
-                self.event.record(torch.cuda.current_stream(tail.device))
-        else:  # a device read synchronously (tests run CUDA's branch on CPU this way)
-            self.host = tail.clone()
-
-    def landed(self) -> bool:
-        return self.event is None or bool(self.event.query())
-
-    def wait(self) -> None:
-        """Block until the copy has landed (at once if it has)."""
-        if self.event is not None:
-            self.event.synchronize()
-
-    def run(self) -> None:
-        self.check(self.host.tolist())
 
 
 def _ranks(group: Any) -> List[int]:

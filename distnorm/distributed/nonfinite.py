@@ -30,13 +30,14 @@ device, so a deep copy of a model (an EMA copy) shares its layers' records.
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Set, Tuple
+from typing import Dict, List, Set, Tuple
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..errors import NonFiniteError
+from ._readback import DeferredCheck, ranks_in
 
 __all__ = ["OPERATOR", "check_nonfinite", "message", "raise_pending", "raise_recorded",
            "replay_flags"]
@@ -57,9 +58,7 @@ class _Record:
         if flags.device.type == "cpu":
             self.value = float(flags.item())
         else:
-            from .collectives import _DeferredCheck
-
-            self.copy = _DeferredCheck(flags, lambda values: None)
+            self.copy = DeferredCheck(flags, lambda values: None)
 
     def bits(self) -> float:
         """The bits recorded (waiting for the copy only if it has not landed)."""
@@ -85,15 +84,13 @@ def message(hits: List[Tuple[str, List[int]]], where: str = "") -> str:
 
 def _ranks_hit(bits: float, group_name: str) -> List[int]:
     """The global ranks whose bits are set (group ranks if the group is gone)."""
-    from .collectives import _ranks_in
-
     try:
         from torch.distributed.distributed_c10d import _resolve_process_group
 
         ranks = dist.get_process_group_ranks(_resolve_process_group(group_name))
     except Exception:  # noqa: BLE001 - a destroyed or unknown group
         ranks = list(range(64))
-    return _ranks_in(bits, ranks)
+    return ranks_in(bits, ranks)
 
 
 def _capturing() -> bool:
