@@ -36,7 +36,9 @@ gloo, 10 minutes for NCCL). So:
   counters live on the device and the tail is copied back asynchronously into
   pinned memory and checked at the next guarded call on the group, so the training
   path never waits on the device and a CUDA graph can capture it (inside a capture
-  no host work is done at all).
+  no host work is done at all, and what would need the host — a layer's first
+  call, a payload wider than the group's packets — raises a clear error before
+  anything reaches the stream; replays read no guard).
 * **Deadline.** On CPU (gloo) each guarded collective waits at most the layer's
   ``timeout`` (``DISTNORM_TIMEOUT`` seconds, default :data:`DEFAULT_TIMEOUT_S`;
   ``0`` turns it off), whatever the process group's timeout. On CUDA waiting with a
@@ -57,9 +59,10 @@ bit (2^rank) rides in the same all-reduce, so every rank learns which ranks were
 hit and raises :class:`~distnorm.errors.NonFiniteError` (policy ``"raise"``) or goes
 on without them (``"skip"``). On CUDA the decision is made on the device and the
 error is raised at the next guarded call. Under ``torch.compile`` the same zeroing
-is traced into the graph (``"skip"`` semantics for both policies: no host read is
-possible there); the ranks hit are kept on the device and, for ``"raise"``, raised
-at the layer's next eager call.
+is traced into the graph, and for ``"raise"`` the bits go to an operator opaque to
+the compiler that raises them at the layer's next forward, compiled or eager; at
+CUDA-graph replays they are kept on the device for
+:func:`distnorm.check_nonfinite` (:mod:`.nonfinite`).
 
 Uneven inputs: :mod:`distnorm.join` records each iteration's guarded collectives
 (:class:`Call`) and lets a rank that ran out of data shadow them with zero
@@ -546,7 +549,8 @@ def all_reduce(buffer: Tensor, group: Optional[Any], context: Optional[SyncConte
     ``"skip"``): a rank whose buffer is not finite contributes zeros; with
     ``"raise"`` every rank raises :class:`~distnorm.errors.NonFiniteError` naming
     the ranks (on CUDA at the next guarded call; under ``torch.compile`` at the
-    layer's next eager call).
+    layer's next forward; after CUDA-graph replays from
+    :func:`distnorm.check_nonfinite`).
     """
     if group is None:
         return buffer
@@ -652,8 +656,8 @@ def _check_capturable(context: SyncContext, what: str, shared: _Shared, state: _
         raise RuntimeError(
             f"{context.name}: cannot be captured in a CUDA graph: {problem}. Run one eager "
             "training step (forward and backward, with the shapes and settings to be "
-            "captured) before capturing, as torch asks for CUDA graphs anyway; the capture "
-            "was left untouched.")
+            "captured) before capturing, as torch asks for CUDA graphs anyway. Nothing that "
+            "would invalidate the capture was done.")
 
 
 def _raise_nonfinite(context: SyncContext, group: Any, bits: float) -> None:
