@@ -228,8 +228,10 @@ def _run(fn: Callable[..., Any], dtype: torch.dtype, *args: Any) -> Any:
         _compiled[key] = None
         if not _warned:
             _warned = True
-            first = str(error).strip().splitlines()[0] if str(error).strip() else ""
-            warnings.warn(f"distnorm: compiling its fused kernels failed ({type(error).__name__}: "
+            # The backend's own error says why (dynamo wraps it: "backend=... raised:").
+            cause = getattr(error, "inner_exception", None) or error
+            first = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+            warnings.warn(f"distnorm: compiling its fused kernels failed ({type(cause).__name__}: "
                           f"{first}); using eager ops, which make more passes over the "
                           f"activation. Set {COMPILE_ENV}=0 to skip the attempt.", RuntimeWarning,
                           stacklevel=3)

@@ -116,12 +116,22 @@ def test_run_reraises_a_failure_while_running_without_a_second_run(stand_in):
         kernels._run(_kernel_under_test, torch.float32, torch.ones(2))
 
 
+def backend_compiler_failed(inner: Exception) -> Exception:
+    """dynamo's wrapper of a backend's failure (its arguments vary across torch)."""
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    try:
+        return BackendCompilerFailed(lambda *a: None, inner, None)
+    except TypeError:
+        return BackendCompilerFailed(lambda *a: None, inner)
+
+
 def _compile_errors() -> List[BaseException]:
     import torch._dynamo.exc as dynamo_exc
     import torch._inductor.exc as inductor_exc
 
     inner = inductor_exc.CppCompileError(["c++", "kernel.cpp"], "c++: command not found")
-    return [dynamo_exc.BackendCompilerFailed(lambda *a: None, inner, None),
+    return [backend_compiler_failed(inner),
             dynamo_exc.TorchRuntimeError("fake tensor propagation failed"),
             dynamo_exc.FailOnRecompileLimitHit("recompile limit (8) reached"),
             inner]
