@@ -44,7 +44,8 @@ class DeferredCheck:
 
     def wait(self) -> None:
         """Block until the copy has landed (at once if it has)."""
-        if self.event is not None:
+        # A query first: no synchronising call at all when the copy has landed.
+        if self.event is not None and not self.event.query():
             self.event.synchronize()
 
     def run(self) -> None:
