@@ -98,3 +98,53 @@ def test_every_scenario_is_in_one_group_and_capture_errors_runs_last():
 def test_scenario_runner_rejects_unknown_names():
     with pytest.raises(SystemExit):
         _scenarios.main(["no_such_scenario"])
+
+
+def test_scenario_processes_are_read_as_they_write_and_bounded(tmp_path, monkeypatch):
+    """tests/gpu/test_gpu.py's ScenarioRuns: results read as each line lands, a
+    scenario its process never reached reported as such (exit status and log), and a
+    process past the time limit killed. A stand-in writes the lines."""
+    import subprocess as real_subprocess
+    import sys
+
+    from tests.gpu import test_gpu
+
+    script = tmp_path / "stand_in.py"
+    script.write_text("""import json, sys, time
+args = sys.argv[1:]
+jsonl = args[args.index("--jsonl") + 1]
+names = args[args.index("--jsonl") + 2:]
+for name in names:
+    if name.startswith("hang"):
+        time.sleep(60)
+    if name.startswith("die"):
+        print("dying"); sys.exit(3)
+    with open(jsonl, "a") as f:
+        f.write(json.dumps({"name": name, "status": "passed" if name.startswith("ok") else "failed",
+                            "error": "AssertionError: no"}) + "\\n")
+""")
+    started = []
+
+    class Popen(real_subprocess.Popen):
+        def __init__(self, args, **kwargs):
+            started.append(args)
+            super().__init__([sys.executable, str(script)] + args[3:], **kwargs)
+
+    monkeypatch.setattr(test_gpu, "GROUPS", {"plain": ["ok_a", "bad_b", "die_c", "ok_d"],
+                                             "capture": ["ok_e", "hang_f"]})
+    monkeypatch.setattr(test_gpu.subprocess, "Popen", Popen)
+    monkeypatch.setattr(test_gpu, "SCENARIO_TIMEOUT_S", 8.0)
+    runs = test_gpu.ScenarioRuns(str(tmp_path))
+    try:
+        assert len(started) == 2 and all("--jsonl" in args for args in started)
+        assert runs.result("ok_a")["status"] == "passed"
+        assert runs.result("bad_b")["status"] == "failed"
+        lost = runs.result("ok_d")
+        assert lost["status"] == "not reached" and "exited with 3" in lost["error"], lost
+        assert "dying" in lost["log"]
+        assert runs.result("ok_e")["status"] == "passed"
+        hung = runs.result("hang_f")
+        assert hung["status"] == "not reached" and "killed after 8 s" in hung["error"], hung
+    finally:
+        runs.close()
+    assert (tmp_path / "scenarios_plain.jsonl").exists()
