@@ -301,8 +301,8 @@ def _compiled_row(policy: str, fullgraph: bool) -> Dict[str, Any]:
         raised = [run.value(r)["eager"] is not None for r in range(2)]
         detail = {"running_finite": finite, "raised_at_next_eager_call": raised}
         ok = finite and all(raised) == (policy == "raise") and any(raised) == (policy == "raise")
-    then = ("NonFiniteError on every rank at the next eager call" if policy == "raise"
-            else "no error ('skip')")
+    then = ("NonFiniteError on every rank at the next step, compiled or eager (here: the "
+            "next eager call)" if policy == "raise" else "no error ('skip')")
     return _plain_row("15", f"{how}, NaN in rank 1's input, nonfinite='{policy}'",
                       "the NaN rank's contribution zeroed inside the graph: running statistics "
                       f"finite, those of the finite ranks, on every rank; {then}", run, ok, detail)

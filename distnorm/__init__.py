@@ -16,6 +16,7 @@ from .catalogue import (
     moment_shortcut,
 )
 from .check import check_model
+from .distributed.nonfinite import check_nonfinite
 from .convert import convert_model, register_variant, revert_model, variants
 from .errors import NonFiniteError, SyncError
 from .join import joinable
@@ -59,6 +60,7 @@ __all__ = [
     "accumulation_steps_from",
     "catalogue",
     "check_model",
+    "check_nonfinite",
     "convert_model",
     "distributed",
     "errors",

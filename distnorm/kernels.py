@@ -179,6 +179,27 @@ def _import_cpp_extension_quietly() -> None:
         logger.removeFilter(no_cuda_notice)
 
 
+def _compile_failures() -> Tuple[type, ...]:
+    """The exceptions that mean compiling failed before anything ran: dynamo's own
+    (tracing, backend compiler, recompile limit; inductor's errors reach the caller
+    wrapped in ``BackendCompilerFailed``) and inductor's compile errors raised bare."""
+    import torch._dynamo.exc as dynamo_exc
+    import torch._inductor.exc as inductor_exc
+
+    names = [(dynamo_exc, "TorchDynamoException"), (dynamo_exc, "FailOnRecompileLimitHit"),
+             (inductor_exc, "CppCompileError"), (inductor_exc, "InvalidCxxCompiler"),
+             (inductor_exc, "OperatorIssue"), (inductor_exc, "SubgraphLoweringException")]
+    return tuple(getattr(module, name) for module, name in names if hasattr(module, name))
+
+
+def _compile_failure(error: BaseException) -> bool:
+    """Whether ``error`` from a compiled call is a failure to compile (fall back to
+    the eager ops) rather than one of running (re-raised: effects may have happened)."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return False
+    return isinstance(error, _compile_failures())
+
+
 def _run(fn: Callable[..., Any], dtype: torch.dtype, *args: Any) -> Any:
     """``fn(*args)`` compiled, or ``_FAILED`` if compiling it failed (use eager ops).
 
@@ -198,15 +219,19 @@ def _run(fn: Callable[..., Any], dtype: torch.dtype, *args: Any) -> Any:
         return _FAILED
     try:
         return compiled(*args)
-    except Exception as error:  # noqa: BLE001 - any compile failure means: use eager ops
-        if isinstance(error, torch.OutOfMemoryError) or (
+    except Exception as error:
+        if not _compile_failure(error) or (
                 torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
-            raise  # not a compile failure: keep the kernel, and let the caller see it
+            # A failure while running (after in-place writes to counters or running
+            # statistics, perhaps): running it again eagerly would apply them twice.
+            raise
         _compiled[key] = None
         if not _warned:
             _warned = True
-            first = str(error).strip().splitlines()[0] if str(error).strip() else ""
-            warnings.warn(f"distnorm: compiling its fused kernels failed ({type(error).__name__}: "
+            # The backend's own error says why (dynamo wraps it: "backend=... raised:").
+            cause = getattr(error, "inner_exception", None) or error
+            first = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+            warnings.warn(f"distnorm: compiling its fused kernels failed ({type(cause).__name__}: "
                           f"{first}); using eager ops, which make more passes over the "
                           f"activation. Set {COMPILE_ENV}=0 to skip the attempt.", RuntimeWarning,
                           stacklevel=3)

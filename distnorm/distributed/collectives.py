@@ -8,7 +8,8 @@ When ranks disagree about a collective — one skipped the layer, they call laye
 in another order, the channel counts differ, one runs an extra forward, a rank is in
 eval mode or ran out of data — the payloads no longer line up. gloo aborts a process
 whose peer sends a longer buffer than it expects, and a rank waiting for a peer that
-never comes waits for the process group's timeout (30 minutes by default). So:
+never comes waits for the process group's timeout (torch's defaults: 30 minutes for
+gloo, 10 minutes for NCCL). So:
 
 * **One size per group.** Every guarded collective of a process group is an
   all-reduce of the same number of float64 numbers: the group's *packet size*,
@@ -35,12 +36,18 @@ never comes waits for the process group's timeout (30 minutes by default). So:
   counters live on the device and the tail is copied back asynchronously into
   pinned memory and checked at the next guarded call on the group, so the training
   path never waits on the device and a CUDA graph can capture it (inside a capture
-  no host work is done at all).
+  no host work is done at all, and what would need the host — a layer's first
+  call, a payload wider than the group's packets — raises a clear error before
+  anything reaches the stream; replays read no guard).
 * **Deadline.** On CPU (gloo) each guarded collective waits at most the layer's
   ``timeout`` (``DISTNORM_TIMEOUT`` seconds, default :data:`DEFAULT_TIMEOUT_S`;
   ``0`` turns it off), whatever the process group's timeout. On CUDA waiting with a
-  deadline would block the host, so the bound there is NCCL's own timeout (the
-  process group's ``timeout``): set it as short as the job allows.
+  deadline would block the host, so the bound there is NCCL's watchdog: the process
+  group's ``timeout`` (10 minutes by default); set it as short as the job allows.
+  What happens then is torch's, not distnorm's: with
+  ``TORCH_NCCL_ASYNC_ERROR_HANDLING=3`` (torch's default) the watchdog logs the
+  timed-out collective and tears the process down (SIGABRT), so no ``SyncError``
+  naming the layer is raised on CUDA (docs/faults.md, "Deadlines").
 * **Failures** of the collective itself (a dead peer, a deadline, the group's
   timeout) are re-raised as ``SyncError`` naming the layer.
 
@@ -52,9 +59,10 @@ bit (2^rank) rides in the same all-reduce, so every rank learns which ranks were
 hit and raises :class:`~distnorm.errors.NonFiniteError` (policy ``"raise"``) or goes
 on without them (``"skip"``). On CUDA the decision is made on the device and the
 error is raised at the next guarded call. Under ``torch.compile`` the same zeroing
-is traced into the graph (``"skip"`` semantics for both policies: no host read is
-possible there); the ranks hit are kept on the device and, for ``"raise"``, raised
-at the layer's next eager call.
+is traced into the graph, and for ``"raise"`` the bits go to an operator opaque to
+the compiler that raises them at the layer's next forward, compiled or eager; at
+CUDA-graph replays they are kept on the device for
+:func:`distnorm.check_nonfinite` (:mod:`.nonfinite`).
 
 Uneven inputs: :mod:`distnorm.join` records each iteration's guarded collectives
 (:class:`Call`) and lets a rank that ran out of data shadow them with zero
@@ -80,6 +88,10 @@ from torch import Tensor
 from .. import kernels
 from .._compat import functional_collectives
 from ..errors import NonFiniteError, SyncError
+from . import nonfinite as _nonfinite
+from ._readback import TOP_BIT as _TOP_BIT
+from ._readback import DeferredCheck as _DeferredCheck
+from ._readback import ranks_in as _ranks_in
 
 __all__ = ["DEBUG_ENV", "DEFAULT_TIMEOUT_S", "NONFINITE_POLICIES", "TIMEOUT_ENV", "Call",
            "InFlight", "SyncContext", "all_reduce", "resolve_timeout", "set_transport",
@@ -96,8 +108,6 @@ NONFINITE_POLICIES = ("raise", "skip")
 # square of their sum, stay exact in float64.
 _MOD = 1 << 16
 _MAX_EXACT_WORLD = 1024
-# Rank r sets bit 2^min(r, 52) of a bit field: exact (and named) up to 53 ranks.
-_TOP_BIT = 52
 # The tail of every packet: [non-finite bits, no-autograd bits, header bits, tag, tag²,
 # mode, mode², call, call², seq, seq²]; mode = 2·header + no-autograd.
 _TAIL = 11
@@ -135,11 +145,6 @@ def resolve_timeout(value: Optional[float] = None) -> Optional[float]:
 
 def _bit(rank: int) -> float:
     return float(2 ** min(rank, _TOP_BIT))
-
-
-def _ranks_in(bits: float, ranks: List[int]) -> List[int]:
-    value = int(bits)
-    return [ranks[i] for i in range(min(len(ranks), _TOP_BIT + 1)) if value >> i & 1]
 
 
 @dataclass
@@ -182,8 +187,6 @@ class SyncContext:
     _directions: Dict[str, _Direction] = field(default_factory=dict, repr=False)
     # Checks in flight on the device, run once their copies have landed.
     _pending: List["_DeferredCheck"] = field(default_factory=list, repr=False)
-    # device -> float64 [non-finite bits] left by compiled graphs, raised eagerly.
-    _compiled_flags: Dict[torch.device, Tensor] = field(default_factory=dict, repr=False)
 
     def direction(self, what: str) -> _Direction:
         state = self._directions.get(what)
@@ -212,6 +215,7 @@ class SyncContext:
 
 
 def _capturing() -> bool:
+    """Whether the current CUDA stream is capturing a graph (tests patch this)."""
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
@@ -293,28 +297,6 @@ def stop_recording(group: Any) -> None:
     shared = _SHARED.get(group)
     if shared is not None:
         shared.trace = None
-
-
-class _DeferredCheck:
-    """A guard's tail copied back to the host without waiting, and the check to run
-    on it once the copy has landed (a pinned buffer and an event on CUDA)."""
-
-    def __init__(self, tail: Tensor, check: Callable[[List[float]], None]) -> None:
-        self.check = check
-        self.event: Optional[Any] = None
-        if tail.is_cuda:
-            self.host = torch.empty(tail.shape, dtype=tail.dtype, pin_memory=True)
-            self.host.copy_(tail, non_blocking=True)
-            self.event = torch.cuda.Event()
-            self.event.record()
-        else:  # a device read synchronously (tests run CUDA's branch on CPU this way)
-            self.host = tail.clone()
-
-    def landed(self) -> bool:
-        return self.event is None or bool(self.event.query())
-
-    def run(self) -> None:
-        self.check(self.host.tolist())
 
 
 def _ranks(group: Any) -> List[int]:
@@ -567,7 +549,8 @@ def all_reduce(buffer: Tensor, group: Optional[Any], context: Optional[SyncConte
     ``"skip"``): a rank whose buffer is not finite contributes zeros; with
     ``"raise"`` every rank raises :class:`~distnorm.errors.NonFiniteError` naming
     the ranks (on CUDA at the next guarded call; under ``torch.compile`` at the
-    layer's next eager call).
+    layer's next forward; after CUDA-graph replays from
+    :func:`distnorm.check_nonfinite`).
     """
     if group is None:
         return buffer
@@ -583,8 +566,9 @@ def _traced_all_reduce(buffer: Tensor, group: Any, context: Optional[SyncContext
                        nonfinite: Optional[str]) -> Tensor:
     """The compiled path: nothing here may read the host. A non-finite rank's
     contribution is zeroed on the device and its bit summed along, so every rank's
-    statistics (and running statistics) are those of the finite ranks; the bits are
-    kept in the context for the layer's next eager call to raise."""
+    statistics (and running statistics) are those of the finite ranks. For
+    ``"raise"`` the bits go to the operator of :mod:`.nonfinite`, opaque to the
+    compiler, which raises them at the layer's next forward (compiled or eager)."""
     funcol = functional_collectives()
 
     if context is None or nonfinite is None:
@@ -594,45 +578,31 @@ def _traced_all_reduce(buffer: Tensor, group: Any, context: Optional[SyncContext
     payload = torch.where(bad, torch.zeros_like(payload), payload)
     packed = torch.cat([payload, bad.to(torch.float64) * _bit(dist.get_rank(group))])
     reduced = funcol.wait_tensor(funcol.all_reduce(packed, "sum", group))
-    flags = reduced[-1:]
     if nonfinite == "raise":
-        box = context._compiled_flags.get(buffer.device)
-        if box is None:
-            box = context._compiled_flags[buffer.device] = torch.zeros(
-                1, dtype=torch.float64, device=buffer.device)
-        box.copy_(torch.where(flags != 0, flags, box))
+        _nonfinite.raise_recorded(reduced[-1:], context.identity, context.name,
+                                  str(funcol._resolve_group_name(group)))
     return reduced[:-1].to(buffer.dtype)
-
-
-def _raise_compiled_flags(context: SyncContext, group: Any) -> None:
-    """Raise (CPU) or schedule (CUDA) the non-finite ranks a compiled graph left."""
-    for box in context._compiled_flags.values():
-        def check(values: List[float]) -> None:
-            if values[0]:
-                _raise_nonfinite(context, group, values[0])
-
-        if _on_host(box):
-            values = box.tolist()
-            box.zero_()
-            check(values)
-        else:
-            context._pending.append(_DeferredCheck(box.clone(), check))
-            box.zero_()
 
 
 def _guarded_all_reduce(buffer: Tensor, group: Any, context: SyncContext, what: str,
                         nonfinite: Optional[str]) -> Tensor:
-    capturing = buffer.is_cuda and torch.cuda.is_current_stream_capturing()
+    capturing = not _on_host(buffer) and _capturing()
     shared = _shared(group)
     if not capturing:
         shared.drain()
         context.drain()
-        if context._compiled_flags:
-            _raise_compiled_flags(context, group)
+        if _nonfinite._RECORDED:  # a compiled forward of the layer came before
+            _nonfinite.raise_pending(context.identity, context.name, group.group_name,
+                                     buffer.device)
     rank = dist.get_rank(group)
     autograd = what != "forward" or context.autograd
     numel = buffer.numel()
     state = context.direction(what)
+    if capturing:
+        _check_capturable(context, what, shared, state, numel, buffer.device, nonfinite,
+                          group.group_name)
+    elif nonfinite == "raise" and not _on_host(buffer):  # made now: a capture cannot
+        _nonfinite.replay_flags(context.identity, context.name, group.group_name, buffer.device)
     if shared.trace is not None and not capturing:
         shared.trace.append(Call(context, what, numel, nonfinite, buffer.device, autograd))
     timeout = _deadline(context, buffer)
@@ -656,7 +626,38 @@ def _guarded_all_reduce(buffer: Tensor, group: Any, context: SyncContext, what: 
         context._pending.append(_DeferredCheck(tail, verify))
         if context not in shared.waiting:
             shared.waiting.append(context)
+    elif nonfinite == "raise":  # no check runs at a replay: keep the bits for the user
+        box = _nonfinite.replay_flags(context.identity, context.name, group.group_name,
+                                      buffer.device)
+        torch.maximum(box, tail[:1], out=box)
     return packed[:numel].to(buffer.dtype)
+
+
+def _check_capturable(context: SyncContext, what: str, shared: _Shared, state: _Direction,
+                      numel: int, device: torch.device, nonfinite: Optional[str],
+                      group_name: str) -> None:
+    """Raise, before anything reaches the stream, where a call inside a CUDA-graph
+    capture would need the host (which invalidates the capture with an obscure CUDA
+    error): a layer's first call on the device (its header is read on the host, its
+    device counters are made from host numbers), or a payload wider than the group's
+    packets (a header grows them)."""
+    problem = None
+    if not state.checked or device not in state.guard or device not in shared.seq_guard:
+        problem = (f"this is its first {what} call on {device}, whose header is read on the "
+                   "host")
+    elif numel + _TAIL > shared.size:
+        problem = (f"its {what} payload ({numel} numbers) is wider than any the process group "
+                   f"has carried ({shared.size - _TAIL}), which takes a header read on the host")
+    elif nonfinite == "raise" and (context.identity, group_name, str(device)) not in (
+            _nonfinite._REPLAYS):
+        problem = ("its non-finite flag is made at an eager call with nonfinite='raise', "
+                   "and there was none")
+    if problem is not None:
+        raise RuntimeError(
+            f"{context.name}: cannot be captured in a CUDA graph: {problem}. Run one eager "
+            "training step (forward and backward, with the shapes and settings to be "
+            "captured) before capturing, as torch asks for CUDA graphs anyway. Nothing that "
+            "would invalidate the capture was done.")
 
 
 def _raise_nonfinite(context: SyncContext, group: Any, bits: float) -> None:

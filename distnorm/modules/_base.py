@@ -108,7 +108,9 @@ class BatchNormBase(RankStateMixin, _BatchNorm):
         rank on CPU (gloo) before it raises :class:`~distnorm.errors.SyncError`:
         ``None`` (default) reads ``DISTNORM_TIMEOUT``, else 60 s; ``0`` waits as long
         as the process group's own timeout. On CUDA the process group's (NCCL's)
-        timeout bounds the wait: a deadline there would block the host."""
+        timeout bounds the wait (a deadline there would block the host): 10 minutes
+        by default, after which, with ``TORCH_NCCL_ASYNC_ERROR_HANDLING=3`` (torch's
+        default), NCCL's watchdog tears the process down without a ``SyncError``."""
         return self.__dict__.get("_timeout")
 
     @timeout.setter

@@ -1,21 +1,31 @@
-"""GPU scenarios that need a process of their own, run as
-``python -m tests.gpu._scenarios NAME`` by tests/gpu/test_gpu.py.
+"""GPU scenarios that need a one-rank NCCL group, run by tests/gpu/test_gpu.py as
+``python3 -m tests.gpu._scenarios [--jsonl FILE] NAME...``.
 
-Each initializes a one-rank NCCL group (one GPU cannot hold two NCCL ranks) and
-forces synchronisation over it: distnorm treats a group of one rank as local, so
-without forcing no collective would run. A scenario prints one JSON line with its
-findings and exits 0; any exception exits non-zero. A process of its own also keeps
-a failed CUDA-graph capture (which corrupts the process's CUDA RNG state) from
-spoiling other tests.
+Each scenario forces synchronisation over a one-rank NCCL group (one GPU cannot hold
+two NCCL ranks; distnorm treats a group of one rank as local, so without forcing no
+collective would run). The scenarios named on the command line run one after the
+other in one process, so that they share torch's import and the compile warm-ups;
+each prints ``RESULT {json}`` (name, status, seconds, findings or error) as soon as
+it ends, and appends the same line to ``FILE``, so that a run cut short still
+reports what it finished. The exit status is 0 when all passed.
+
+:data:`GROUPS` splits them in two processes: the scenarios that capture CUDA graphs
+run apart from the others, as a failed capture spoils the process's CUDA state (its
+RNG, its allocator's pools) for what runs after it; within that group the scenario
+that provokes capture errors on purpose runs last.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import copy
 import json
+import math
 import socket
 import sys
+import time
+import traceback
 import warnings
 from typing import Any, Callable, Dict, Iterator, List
 
@@ -355,17 +365,221 @@ def pickle_mid_training() -> Dict[str, Any]:
     return {"ok": True}
 
 
+@scenario
+def nonfinite_compiled() -> Dict[str, Any]:
+    """Every step compiled (torch.compile, fullgraph), a NaN at step 1 with
+    nonfinite="raise": NonFiniteError by step 3 at the latest (the operator's copy of
+    step 1's flag is checked at step 2, waiting only if it has not landed), with no
+    host synchronisation in the steps before it (sync debug mode "error")."""
+    torch._dynamo.reset()
+    with forced_sync():
+        model = distnorm.convert_model(nn.Sequential(nn.Conv2d(4, 8, 1), nn.BatchNorm2d(8)).cuda())
+        step = torch.compile(model, fullgraph=True)
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        xs = [torch.randn(2, 4, 5, 5, device="cuda", generator=gen) for _ in range(7)]
+        for _ in range(2):  # warm-up: compile, headers
+            step(xs[0]).square().sum().backward()
+        torch.cuda.synchronize()
+        xs[4][0, 0, 0, 0] = math.nan
+        raised_at, error = None, None
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for i in range(2, 7):  # the NaN is at i = 4
+                try:
+                    step(xs[i]).square().sum().backward()
+                except distnorm.NonFiniteError as caught:
+                    raised_at, error = i, str(caught).splitlines()[0]
+                    break
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        torch.cuda.synchronize()
+        finite = bool(model[1].running_var.isfinite().all() and model[1].running_mean.isfinite().all())
+    assert raised_at is not None and 4 < raised_at <= 6, (raised_at, error)
+    assert "rank(s) [0]" in error and finite, (error, finite)
+    return {"raised_at": raised_at, "bad_step": 4, "error": error}
+
+
+@scenario
+def deferred_check_devices() -> Dict[str, Any]:
+    """Deferred guard checks whose copies run on a side stream (issue 22 item 6: the
+    event is recorded on the current stream of the tensor's device): no false
+    SyncError or NonFiniteError over 20 steps with the host running ahead. (A layer on
+    another device than the current one needs two GPUs; tests/test_cuda_guards.py
+    checks that case with a fake torch.cuda.)"""
+    out: Dict[str, Any] = {"devices": torch.cuda.device_count()}
+    with forced_sync():
+        layer = distnorm.SyncBatchNorm(8).cuda()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(20):
+                layer(torch.randn(4, 8, 6, 6, device="cuda")).sum().backward()
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        layer(torch.randn(4, 8, 6, 6, device="cuda")).sum().backward()  # checks run
+        out["side_stream"] = "ok"
+    return out
+
+
+@scenario
+def graph_nonfinite() -> Dict[str, Any]:
+    """A captured eager training step of a converted layer replayed with a NaN in the
+    static input: replays raise nothing (no Python runs), the running statistics stay
+    finite, and distnorm.check_nonfinite(model) raises naming the layer and rank 0,
+    once (issue 22 item 7)."""
+    with forced_sync():
+        model = distnorm.convert_model(nn.Sequential(nn.Conv2d(4, 8, 1), nn.BatchNorm2d(8)).cuda())
+        static = torch.randn(2, 4, 5, 5, device="cuda")
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                model(static).sum().backward()
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            model(static).sum().backward()
+        graph.replay()
+        distnorm.check_nonfinite(model)  # nothing yet
+        static[0, 0, 0, 0] = math.nan
+        graph.replay()
+        static[0, 0, 0, 0] = 1.0
+        graph.replay()
+        torch.cuda.synchronize()
+        try:
+            distnorm.check_nonfinite(model)
+            error = None
+        except distnorm.NonFiniteError as caught:
+            error = str(caught).splitlines()[0]
+        distnorm.check_nonfinite(model)  # cleared
+        finite = bool(model[1].running_var.isfinite().all())
+    assert error is not None and "SyncBatchNorm '1' on rank(s) [0]" in error, error
+    assert finite
+    return {"error": error}
+
+
+@scenario
+def compiled_graphs_nonfinite() -> Dict[str, Any]:
+    """torch.compile(mode="reduce-overhead") of a converted model (CUDA graphs replayed
+    by torch): a NaN input is found by distnorm.check_nonfinite (replays run no
+    Python), and the outputs equal an eager copy's on finite steps."""
+    torch._dynamo.reset()
+    with forced_sync():
+        model = distnorm.convert_model(nn.Sequential(nn.Conv2d(4, 8, 1), nn.BatchNorm2d(8)).cuda())
+        ref = copy.deepcopy(model)
+        fast = torch.compile(model, mode="reduce-overhead")
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        for _ in range(4):
+            x = torch.randn(2, 4, 5, 5, device="cuda", generator=gen)
+            a, b = fast(x), ref(x)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        x = torch.randn(2, 4, 5, 5, device="cuda", generator=gen)
+        x[0, 0, 0, 0] = math.nan
+        raised = None
+        try:
+            fast(x)
+            fast(torch.randn(2, 4, 5, 5, device="cuda", generator=gen))
+            torch.cuda.synchronize()
+            distnorm.check_nonfinite(model)
+        except distnorm.NonFiniteError as caught:
+            raised = str(caught).splitlines()[0]
+    assert raised is not None, "no NonFiniteError after a NaN under reduce-overhead"
+    return {"error": raised}
+
+
+@scenario
+def capture_errors() -> Dict[str, Any]:
+    """Inside a CUDA-graph capture, a layer's first call (its kernels already compiled
+    by a twin layer) raises a clear RuntimeError before anything that would spoil the
+    capture; the process then captures and replays a warmed-up layer normally
+    (issue 22 item 9)."""
+    out: Dict[str, Any] = {}
+    with forced_sync():
+        twin = distnorm.SyncBatchNorm(8).cuda()
+        x = torch.randn(4, 8, 6, 6, device="cuda")
+        twin(x).sum().backward()  # the kernels of this shape are compiled/loaded now
+        fresh = distnorm.SyncBatchNorm(8).cuda()
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                fresh(x)
+            out["first_call"] = "captured without an error"
+        except RuntimeError as error:
+            out["first_call"] = str(error).splitlines()[0]
+        torch.cuda.synchronize()
+        # The process is fine: warm the fresh layer up, capture it, replay = eager.
+        static = x.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                fresh(static)
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = fresh(static)
+        graph.replay()
+        torch.cuda.synchronize()
+        twin.load_state_dict(fresh.state_dict())
+        twin.eval(), fresh.eval()
+        torch.testing.assert_close(fresh(static), twin(static))
+        out["after"] = "captured and replayed"
+        out["output_finite"] = bool(y.isfinite().all())
+    assert "cannot be captured in a CUDA graph" in out["first_call"], out
+    return out
+
+
+GROUPS: Dict[str, List[str]] = {
+    "plain": ["nonfinite_on_cuda", "deferred_check_devices", "host_syncs", "nccl_parity",
+              "pickle_mid_training", "nonfinite_compiled", "peak_memory"],
+    "capture": ["graph_capture", "empty_batch_under_capture", "graph_nonfinite",
+                "compiled", "compiled_graphs_nonfinite", "capture_errors"],
+}
+
+
+def run(names: List[str], jsonl: str = "") -> int:
+    """Run the scenarios ``names`` in order, reporting each as it ends; the number of
+    failures."""
+    failures = 0
+    for name in names:
+        start = time.time()
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                found = SCENARIOS[name]()
+            entry = {"name": name, "status": "passed", "result": found}
+        except Exception as error:  # noqa: BLE001 - reported, and the next one runs
+            failures += 1
+            first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            entry = {"name": name, "status": "failed", "error": f"{type(error).__name__}: {first}",
+                     "traceback": traceback.format_exc()[-4000:]}
+        entry["seconds"] = round(time.time() - start, 1)
+        line = json.dumps(entry, default=str)
+        print("RESULT " + line, flush=True)
+        if jsonl:
+            with open(jsonl, "a") as f:
+                f.write(line + "\n")
+    return failures
+
+
 def main(argv: List[str]) -> int:
-    name = argv[0]
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jsonl", default="", help="append each result to this file")
+    parser.add_argument("names", nargs="+", help=f"scenarios, or a group: {sorted(GROUPS)}")
+    args = parser.parse_args(argv)
+    names = [n for name in args.names for n in GROUPS.get(name, [name])]
+    unknown = [name for name in names if name not in SCENARIOS]
+    if unknown:
+        parser.error(f"unknown scenarios {unknown}; known: {sorted(SCENARIOS)}")
     init_one_rank_nccl()
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            result = SCENARIOS[name]()
-        print("RESULT " + json.dumps(result, default=str))
+        failures = run(names, args.jsonl)
     finally:
         dist.destroy_process_group()
-    return 0
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

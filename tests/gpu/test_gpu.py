@@ -8,18 +8,26 @@ Two ways to get several ranks on one GPU (which cannot hold two NCCL ranks):
   float32 / bfloat16 autocast / float16 models, channels_last, 1-D/2-D/3-D, against
   the same variant run in float64 on the CPU on the concatenated batch (for
   ``sync``: ``nn.BatchNorm``), through SGD steps.
-* A one-rank NCCL group with synchronisation forced, one process per scenario
-  (tests/gpu/_scenarios.py): NCCL itself, no host syncs, CUDA-graph capture,
-  ``torch.compile``, peak memory, when a non-finite input raises.
+* A one-rank NCCL group with synchronisation forced (tests/gpu/_scenarios.py): NCCL
+  itself, no host syncs, CUDA-graph capture, ``torch.compile``, peak memory, when a
+  non-finite input raises. The scenarios run in two processes started together at
+  the first scenario test (those that capture CUDA graphs apart from the others),
+  each running its scenarios one after the other and writing each result as it
+  ends to ``$DISTNORM_GPU_OUT/scenarios_<group>.jsonl`` and ``.log``; a test reads
+  its scenario's line. ``DISTNORM_GPU_SCENARIO_TIMEOUT`` (seconds, default 300)
+  bounds each process.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import os
 import subprocess
 import sys
-from typing import Any, Dict, List
+import tempfile
+import time
+from typing import Any, Dict, Iterator, List
 
 import pytest
 import torch
@@ -144,29 +152,95 @@ def test_gloo_with_cuda_tensors_matches_the_concatenated_batch(world, mode, shap
             torch.testing.assert_close(got, want, **tol)
 
 
-def _run_scenario(name: str, timeout: float = 300) -> str:
-    proc = subprocess.run([sys.executable, "-m", "tests.gpu._scenarios", name], cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "PYTHONPATH": ROOT})
-    assert proc.returncode == 0, f"{name}: exit {proc.returncode}\n{proc.stdout}\n{proc.stderr[-4000:]}"
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert lines, proc.stdout
-    print(name, lines[-1])
-    return lines[-1]
+from tests.gpu._scenarios import GROUPS  # noqa: E402 - after the module's helpers
+
+SCENARIO_TIMEOUT_S = float(os.environ.get("DISTNORM_GPU_SCENARIO_TIMEOUT", "300"))
 
 
-def test_nccl_one_rank_parity_of_every_variant():
-    import json
+class ScenarioRuns:
+    """The scenario processes of both groups, started together; results on demand."""
 
-    result = json.loads(_run_scenario("nccl_parity")[len("RESULT "):])
-    assert result["failures"] == [], result
+    def __init__(self, out: str) -> None:
+        self.out, self.start = out, time.monotonic()
+        self.procs: Dict[str, subprocess.Popen] = {}
+        self.logs: Dict[str, Any] = {}
+        for group, names in GROUPS.items():
+            jsonl = self.path(group, "jsonl")
+            if os.path.exists(jsonl):
+                os.remove(jsonl)
+            self.logs[group] = open(self.path(group, "log"), "w")
+            self.procs[group] = subprocess.Popen(
+                [sys.executable, "-m", "tests.gpu._scenarios", "--jsonl", jsonl, *names],
+                cwd=ROOT, stdout=self.logs[group], stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONPATH": ROOT, "PYTHONUNBUFFERED": "1"})
+
+    def path(self, group: str, ext: str) -> str:
+        return os.path.join(self.out, f"scenarios_{group}.{ext}")
+
+    def _lines(self, group: str) -> Dict[str, Dict[str, Any]]:
+        try:
+            with open(self.path(group, "jsonl")) as f:
+                return {entry["name"]: entry for entry in map(json.loads, filter(None, f))}
+        except FileNotFoundError:
+            return {}
+
+    def result(self, name: str) -> Dict[str, Any]:
+        """The scenario's line, waiting for it while its process runs (bounded)."""
+        group = next(g for g, names in GROUPS.items() if name in names)
+        proc = self.procs[group]
+        while True:
+            found = self._lines(group).get(name)
+            if found is not None:
+                return found
+            left = SCENARIO_TIMEOUT_S - (time.monotonic() - self.start)
+            if proc.poll() is not None or left <= 0:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+                found = self._lines(group).get(name)
+                if found is not None:
+                    return found
+                with open(self.path(group, "log")) as f:
+                    tail = f.read()[-3000:]
+                state = (f"exited with {proc.returncode}" if left > 0 else
+                         f"killed after {SCENARIO_TIMEOUT_S:.0f} s")
+                return {"name": name, "status": "not reached",
+                        "error": f"the {group} scenarios' process {state} first", "log": tail}
+            time.sleep(0.5)
+
+    def close(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+        for log in self.logs.values():
+            log.close()
 
 
-@pytest.mark.parametrize("name", ["host_syncs", "graph_capture", "empty_batch_under_capture",
-                                  "compiled", "peak_memory", "nonfinite_on_cuda",
-                                  "pickle_mid_training"])
-def test_scenario(name):
-    _run_scenario(name)
+@pytest.fixture(scope="module")
+def scenario_runs() -> Iterator[ScenarioRuns]:
+    out = os.environ.get("DISTNORM_GPU_OUT") or tempfile.mkdtemp(prefix="distnorm-gpu-")
+    os.makedirs(out, exist_ok=True)
+    runs = ScenarioRuns(out)
+    try:
+        yield runs
+    finally:
+        runs.close()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _scenarios_started_first(request: pytest.FixtureRequest) -> None:
+    """Start the scenario processes before the gloo tests when both are selected, so
+    that they run side by side (the scenario tests, last in the file, collect)."""
+    if any(item.name.startswith("test_scenario") for item in request.session.items):
+        request.getfixturevalue("scenario_runs")
+
+
+@pytest.mark.parametrize("name", [name for names in GROUPS.values() for name in names])
+def test_scenario(name, scenario_runs):
+    entry = scenario_runs.result(name)
+    print(name, json.dumps(entry, default=str)[:2000])
+    assert entry["status"] == "passed", json.dumps(entry, indent=1, default=str)
 
 
 def test_converted_model_moves_between_devices():
