@@ -291,7 +291,7 @@ def pretrain_digits(cfg: dict[str, Any], init_state: dict[str, Any], path: str) 
 # -- one rank ------------------------------------------------------------------------------
 
 def _rank(rank: int, world: int, cfg: dict[str, Any], data_path: str,
-          pretrained_path: str | None) -> dict[str, Any]:
+          pretrained_path: str | None, states_dir: str) -> dict[str, Any]:
     import warnings
 
     import torch
@@ -477,6 +477,9 @@ def _rank(rank: int, world: int, cfg: dict[str, Any], data_path: str,
         check.update(final_weight_diff=max_diff(sync_model, bn8_model, "w"),
                      final_running_diff=max_diff(sync_model, bn8_model, "running"))
         out["check"] = check
+    if rank == 0:   # the trained models, for the evaluations (rank 0's statistics, as tested)
+        for name, run in runs.items():
+            torch.save(run["model"].state_dict(), os.path.join(states_dir, f"{name}.pt"))
     if rank == 0 and "brn" in runs:
         clips = [(float(m.r_clip_count.sum()), float(m.d_clip_count.sum()), m.num_features)
                  for m in runs["brn"]["model"].modules() if hasattr(m, "r_clip_count")]
@@ -749,6 +752,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--world", type=int, default=4, help="gloo ranks")
     parser.add_argument("--per-rank", type=int, default=2, help="images per rank and step")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--states", metavar="DIR", help="keep every method's trained state_dict "
+                        "here (<method>.pt; default: a temporary folder)")
     parser.add_argument("--render", metavar="JSON", help="only redo the table and plots from a "
                         "saved accuracy.json (into --out)")
     args = parser.parse_args(argv)
@@ -793,7 +798,9 @@ def main(argv: list[str] | None = None) -> int:
         result["pretrain"] = pretrain_digits(cfg, init_state, pretrained_path)
         print(f"pretrained on digits: {result['pretrain']}", flush=True)
     t_train = time.perf_counter()
-    out = run_ranks(_rank, cfg["world"], cfg, data_path, pretrained_path, threads=1,
+    states_dir = args.states or os.path.join(tmp, "states")
+    os.makedirs(states_dir, exist_ok=True)
+    out = run_ranks(_rank, cfg["world"], cfg, data_path, pretrained_path, states_dir, threads=1,
                     timeout=3600.0, pg_timeout=600.0)[0]
     result["train_seconds"] = time.perf_counter() - t_train
     result.update(steps=out["steps"], steps_per_epoch=out["steps_per_epoch"], runs=out["runs"],
