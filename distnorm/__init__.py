@@ -19,6 +19,7 @@ from .check import check_model
 from .convert import convert_model, register_variant, revert_model, variants
 from .errors import NonFiniteError, SyncError
 from .join import joinable
+from .population import precise_bn
 from .modules import (
     BatchInstanceNorm,
     BatchRenorm,
@@ -64,6 +65,7 @@ __all__ = [
     "joinable",
     "load_rank_state_dict",
     "moment_shortcut",
+    "precise_bn",
     "rank_state_dict",
     "register_variant",
     "registry",
