@@ -49,9 +49,9 @@ is evaluated again on W ranks (issue 25), on the clean test set and on shifted c
 (``SHIFTS``: half contrast on a grey background; inverted), with each set of statistics:
 
 - as trained (the EMA running statistics; FrozenBN's fixed ones; GroupNorm has none);
-- PreciseBN: ``distnorm.precise_bn`` over the whole training set, every rank its share in
-  batches of the size it trained with (2 images; 8 for ``bn8``), once with one fresh epoch
-  of the training augmentation and once with the plain images;
+- PreciseBN: ``distnorm.precise_bn`` over the whole training set with one fresh epoch of the
+  training augmentation (the data the EMA followed), every rank its share in batches of the
+  size it trained with (2 images; 8 for ``bn8``);
 - AdaBN: ``distnorm.precise_bn`` on the shifted training images (unlabelled, plain), one
   set per shift.
 
@@ -587,7 +587,7 @@ def _evaluate_rank(rank: int, world: int, cfg: dict[str, Any], data_path: str,
     """Every method's trained model (``states_dir/<method>.pt``: rank 0's state at the end
     of training), tested on the clean and every shifted test set with each set of
     statistics: as trained (the EMA running statistics), PreciseBN over the training set
-    (with one epoch of the training augmentation, and plain), and AdaBN for every shift
+    (one fresh epoch of the training augmentation), and AdaBN for every shift
     (``distnorm.precise_bn`` on the shifted training images, unlabelled). Each rank feeds
     ``precise_bn`` its share of the images in batches of the size it trained with (2
     images per rank, 8 for ``bn8``), so every layer normalizes as in training. Returns
@@ -607,7 +607,7 @@ def _evaluate_rank(rank: int, world: int, cfg: dict[str, Any], data_path: str,
     test_sets = {"clean": data["x_test"], **{s: data[f"x_test_{s}"] for s in shifts}}
     y_test = data["y_test"]
     gen = torch.Generator().manual_seed(cfg["seed"] * 1000 + 500)   # not a training epoch's
-    sources = {"precise_aug": augment(data["x_train"], gen), "precise_plain": data["x_train"],
+    sources = {"precise": augment(data["x_train"], gen),
                **{f"adabn_{s}": data[f"x_train_{s}"] for s in shifts}}
 
     def evaluate(model) -> list[int]:
@@ -786,8 +786,7 @@ def render_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-STATS_LABELS = {"ema": "as trained (EMA)", "precise_aug": "PreciseBN, augmented train set",
-                "precise_plain": "PreciseBN, plain train set"}
+STATS_LABELS = {"ema": "as trained (EMA)", "precise": "PreciseBN (training set, augmented)"}
 
 
 def render_evaluation(result: dict[str, Any]) -> str:
@@ -806,19 +805,19 @@ def render_evaluation(result: dict[str, Any]) -> str:
              "Every BatchNorm model's test accuracy (clean test set) with the statistics it "
              "trained (EMA running statistics, rank 0's) and after `distnorm.precise_bn` over "
              "the whole training set on all ranks (one epoch with the training augmentation, "
-             "drawn afresh; and the plain images), each rank feeding its share in batches of "
-             "the size it trained with. ± is the binomial standard error.", "",
-             "| method | as trained (EMA) | PreciseBN, augmented | PreciseBN, plain | Δ augmented − EMA "
-             "| samples | s per call (rank 0) |", "|---|---|---|---|---|---|---|"]
+             "drawn afresh), each rank feeding its share in batches of the size it trained "
+             "with. ± is the binomial standard error.", "",
+             "| method | as trained (EMA) | PreciseBN | Δ | samples | s per call (rank 0) |",
+             "|---|---|---|---|---|---|"]
     for name, m in methods.items():
-        if "precise_aug" not in m["acc"]:
+        if "precise" not in m["acc"]:
             continue
         acc = m["acc"]
         sec = sum(m["rank0_seconds"].values()) / max(1, len(m["rank0_seconds"]))
         lines.append(f"| {METHODS[name][0]} (`{name}`) | {cell(acc['ema']['clean'])} | "
-                     f"{cell(acc['precise_aug']['clean'])} | {cell(acc['precise_plain']['clean'])} | "
-                     f"{100 * (acc['precise_aug']['clean'] - acc['ema']['clean']):+.1f} | "
-                     f"{m['samples']['precise_aug']} | {sec:.1f} |")
+                     f"{cell(acc['precise']['clean'])} | "
+                     f"{100 * (acc['precise']['clean'] - acc['ema']['clean']):+.1f} | "
+                     f"{m['samples']['precise']} | {sec:.1f} |")
     lines += ["", "## Domain shift: source statistics against AdaBN", "",
               "Trained on the clean silhouettes, tested on shifted copies of the same test images ("
               + "; ".join(f"`{k}`: {ev['shifts'][k]}" for k in shifts)
@@ -938,12 +937,11 @@ def plot_evaluation(result: dict[str, Any], out_dir: str) -> None:
         ax.set_xlim(0, 105)
         ax.grid(axis="x", alpha=0.3)
 
-    names = [n for n, m in methods.items() if "precise_aug" in m["acc"]]
+    names = [n for n, m in methods.items() if "precise" in m["acc"]]
     if names:
         fig, ax = plt.subplots(figsize=(8, 1.0 + 0.75 * len(names)), dpi=110)
         bars(ax, names, [(STATS_LABELS[k], c, lambda n, k=k: methods[n]["acc"][k]["clean"])
-                         for k, c in (("ema", "#bbbbbb"), ("precise_aug", "#1f77b4"),
-                                      ("precise_plain", "#aec7e8"))])
+                         for k, c in (("ema", "#bbbbbb"), ("precise", "#1f77b4"))])
         ax.set_xlabel("test accuracy (%)")
         ax.set_title(f"EMA statistics against PreciseBN (seed {cfg['seed']}; error bars: binomial SE)",
                      fontsize=10)
