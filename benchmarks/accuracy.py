@@ -44,9 +44,15 @@ frozen        ``convert_model(mode="frozen")`` of a model pretrained in one proc
 ============  ==================================================================================
 
 Test accuracy (eval mode: rank 0's running statistics) is measured on held-out images after
-every epoch. Then every method's trained model (rank 0's final state, kept in ``--states``)
-is evaluated again on W ranks (issue 25), on the clean test set and on shifted copies of it
-(``SHIFTS``: half contrast on a grey background; inverted), with each set of statistics:
+every epoch. Results: ``<out>/accuracy.json`` (every number: configuration, per-epoch
+accuracy, per-step training loss, the sync-vs-bn8 check, timings), ``accuracy.md`` (the table),
+``accuracy_curves.png`` and ``accuracy_final.png`` (``--out``, default
+``benchmarks/results``).
+
+Population statistics (issue 25). After training, every method's trained model (rank 0's
+final state, kept in ``--states``) is evaluated again on W ranks, on the clean test set and
+on shifted copies of it (``SHIFTS``: half contrast on a grey background; inverted), with
+each set of statistics:
 
 - as trained (the EMA running statistics; FrozenBN's fixed ones; GroupNorm has none);
 - PreciseBN: ``distnorm.precise_bn`` over the whole training set with one fresh epoch of the
@@ -55,12 +61,10 @@ is evaluated again on W ranks (issue 25), on the clean test set and on shifted c
 - AdaBN: ``distnorm.precise_bn`` on the shifted training images (unlabelled, plain), one
   set per shift.
 
-Results: ``<out>/accuracy.json`` (every number: configuration, per-epoch accuracy, per-step
-training loss, the sync-vs-bn8 check, the evaluations, timings), ``accuracy.md`` (the
-tables), ``accuracy_curves.png``, ``accuracy_final.png``, ``accuracy_precise.png`` and
-``accuracy_shift.png`` (``--out``, default ``benchmarks/results``). The training results are
-written before the evaluations start; ``--evaluate`` redoes the evaluations alone from a
-saved ``accuracy.json`` and the states a run kept with ``--states``.
+They add their tables to ``accuracy.md`` and ``accuracy.json`` (``"evaluation"``), and
+``accuracy_precise.png`` and ``accuracy_shift.png``. The training results are written
+before the evaluations start; ``--evaluate`` redoes the evaluations alone from a saved
+``accuracy.json`` and the states a run kept with ``--states``.
 
 Usage::
 
