@@ -51,7 +51,8 @@ accuracy, per-step training loss, the sync-vs-bn8 check, timings), ``accuracy.md
 
 Population statistics (issue 25). After training, every method's trained model (rank 0's
 final state, kept in ``--states``) is evaluated again on W ranks, on the clean test set and
-on shifted copies of it (``SHIFTS``: half contrast on a grey background; inverted), with
+on shifted copies of it (``SHIFTS``: half contrast on a grey background; inverted;
+Gaussian noise), with
 each set of statistics:
 
 - as trained (the EMA running statistics; FrozenBN's fixed ones; GroupNorm has none);
@@ -134,7 +135,18 @@ SHIFTS: dict[str, tuple[str, Any]] = {
     "contrast": ("half contrast on a grey background: 0.5 p + 64",
                  lambda p: 0.5 * p + 64.0),
     "inverted": ("inverted: 255 - p", lambda p: 255.0 - p),
+    "noise": ("Gaussian noise: p + N(0, 64²) per pixel, clipped to 0–255 (fixed seed)",
+              lambda p: _with_noise(p, 64.0)),
 }
+
+
+def _with_noise(pixels, sigma: float):
+    """``pixels`` plus Gaussian noise of standard deviation ``sigma``, clipped to 0–255;
+    drawn from a fixed seed (the same for every run)."""
+    import numpy as np
+
+    noise = np.random.default_rng(2016).normal(0.0, sigma, size=pixels.shape)
+    return np.clip(pixels + noise, 0.0, 255.0)
 
 
 # -- data ----------------------------------------------------------------------------------
