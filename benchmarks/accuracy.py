@@ -854,7 +854,8 @@ def render_evaluation(result: dict[str, Any]) -> str:
     m = result["machine"]
     lines += ["", f"Evaluations: {ev['seconds'] / 60:.1f} min wall on {m['cpu_count']} CPUs (load "
               f"average {ev['loadavg_at_start'][0]:.1f} at start), distnorm at {ev['git']}, "
-              f"{ev['date']}.", ""]
+              f"{ev['date']}; run after the training, or alone by `python benchmarks/accuracy.py "
+              f"--evaluate accuracy.json --states DIR` on the states a run kept with `--states`.", ""]
     return "\n".join(lines)
 
 
@@ -969,7 +970,7 @@ def plot_evaluation(result: dict[str, Any], out_dir: str) -> None:
     shifts = [t for t in ev["test_sets"] if t != "clean"]
     if shifts:
         names = list(methods)
-        fig, axes = plt.subplots(1, len(shifts), figsize=(6 * len(shifts), 1.2 + 0.7 * len(names)),
+        fig, axes = plt.subplots(1, len(shifts), figsize=(4.2 * len(shifts) + 1.5, 1.8 + 0.7 * len(names)),
                                  dpi=110, sharey=True, squeeze=False)
         for ax, k in zip(axes[0], shifts):
             bars(ax, names, [
@@ -977,12 +978,14 @@ def plot_evaluation(result: dict[str, Any], out_dir: str) -> None:
                 ("shifted, source statistics", "#ff7f0e", lambda n, k=k: methods[n]["acc"]["ema"][k]),
                 ("shifted, AdaBN", "#2ca02c",
                  lambda n, k=k: methods[n]["acc"].get(f"adabn_{k}", {}).get(k))])
-            ax.set_title(f"{k}: {ev['shifts'][k]}", fontsize=9)
+            ax.set_title(ev["shifts"][k].replace(" per pixel, ", "\n").replace(": ", ":\n", 1),
+                         fontsize=8)
             ax.set_xlabel("test accuracy (%)")
-        axes[0][0].legend(loc="lower right", fontsize=8)
+        handles, labels = axes[0][0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8)
         fig.suptitle(f"Domain shift: trained on clean silhouettes (seed {cfg['seed']}; error bars: "
                      "binomial SE)", fontsize=10)
-        fig.tight_layout()
+        fig.tight_layout(rect=(0, 0.06, 1, 1))
         fig.savefig(os.path.join(out_dir, "accuracy_shift.png"))
         plt.close(fig)
 
