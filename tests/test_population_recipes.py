@@ -96,3 +96,30 @@ def test_adabn_recipe_end_to_end() -> None:
     # (3) weights untouched; the source statistics restore the source behaviour.
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items())
     assert _accuracy(model, x_test, y_test) == source_acc
+
+
+def test_plain_pytorch_example_runs_precise_bn_before_each_evaluation(tmp_path) -> None:
+    """examples/precise_bn.py, small, on 2 torchrun ranks (DDP, gloo)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "history.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(root / "examples" / "precise_bn.py"), "--epochs", "2", "--train-size", "48",
+           "--val-size", "32", "--precise-batches", "5", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    history = json.loads(out.read_text())
+    assert [row["epoch"] for row in history] == [0, 1]
+    for row in history:
+        assert row["precise_bn_samples"] == 2 * 5 * 2  # ranks × batches × images
+        assert row["statistics_agree"]
+        assert 0.0 <= row["precise"]["accuracy"] <= 1.0 and row["precise"]["loss"] > 0
+    assert "precise_bn on 20 images" in proc.stdout
