@@ -34,7 +34,6 @@ import importlib
 import inspect
 from typing import Any, Callable, List, Optional
 
-import torch
 from torch import nn
 
 from ..convert import convert_model, revert_model
@@ -193,11 +192,8 @@ class PreciseBN(_Callback):  # type: ignore[misc, valid-type]
                 batch = to_device(batch)
                 yield select(batch) if select is not None else batch
 
-        # Validation runs under inference_mode: the saved state precise_bn restores
-        # must be ordinary tensors, which training modifies in place later.
-        with torch.inference_mode(False):
-            self.samples = precise_bn(pl_module, inputs(), self.num_batches,
-                                      progress=self.progress)
+        # Validation runs under inference_mode; precise_bn leaves it for its own work.
+        self.samples = precise_bn(pl_module, inputs(), self.num_batches, progress=self.progress)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(num_batches={self.num_batches!r})"
