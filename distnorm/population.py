@@ -162,8 +162,9 @@ def _unwrap(model: Any) -> nn.Module:
                         f"(got {type(model).__name__})")
     for name, module in model.named_modules():
         if _is_compiled(module) or getattr(module, "_compiled_call_impl", None) is not None:
+            what = f"submodule {name!r}" if name else "the model (model.compile())"
             raise ValueError(
-                f"distnorm.precise_bn: submodule {name!r} is compiled with torch.compile; its "
+                f"distnorm.precise_bn: {what} is compiled with torch.compile; its "
                 "BatchNorm inputs cannot be observed from compiled code. Pass the uncompiled "
                 "module (the one given to torch.compile; a compiled result's ._orig_mod)")
     return model

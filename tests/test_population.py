@@ -304,6 +304,10 @@ def test_compiled_model_is_unwrapped_and_compiled_submodule_refused() -> None:
     outer = nn.Sequential(torch.compile(_model().double()))
     with pytest.raises(ValueError, match="uncompiled module"):
         distnorm.precise_bn(outer, xs)
+    in_place = _model().double()
+    in_place.compile()
+    with pytest.raises(ValueError, match=r"the model \(model.compile\(\)\).*uncompiled"):
+        distnorm.precise_bn(in_place, xs)
 
 
 def test_bad_arguments() -> None:
