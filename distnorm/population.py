@@ -130,19 +130,21 @@ def precise_bn(model: nn.Module, batches: Iterable[Any], num_batches: Optional[i
     group = resolve_group(process_group, "distnorm.precise_bn")
     layers = _leaf_batch_norms(model)
     _check_layer_groups(layers, group, process_group)
-    saved = _SavedState(model, layers)
-    collector = _Collector(layers)
-    try:
-        for layer in layers:
-            layer.training = True
-        with torch.no_grad():
+    # Not inference_mode even if the caller is in it (a validation loop): the state
+    # saved and put back must stay ordinary tensors, which training updates in place.
+    with torch.inference_mode(False), torch.no_grad():
+        saved = _SavedState(model, layers)
+        collector = _Collector(layers)
+        try:
+            for layer in layers:
+                layer.training = True
             samples = _run_rounds(model, batches, num_batches, group, progress, collector)
-        collector.remove()
-        saved.restore()
-        return _write_statistics(layers, collector, samples, group)
-    finally:
-        collector.remove()
-        saved.restore()
+            collector.remove()
+            saved.restore()
+            return _write_statistics(layers, collector, samples, group)
+        finally:
+            collector.remove()
+            saved.restore()
 
 
 # -- arguments and the model's layers -------------------------------------------------
@@ -160,8 +162,9 @@ def _unwrap(model: Any) -> nn.Module:
                         f"(got {type(model).__name__})")
     for name, module in model.named_modules():
         if _is_compiled(module) or getattr(module, "_compiled_call_impl", None) is not None:
+            what = f"submodule {name!r}" if name else "the model (model.compile())"
             raise ValueError(
-                f"distnorm.precise_bn: submodule {name!r} is compiled with torch.compile; its "
+                f"distnorm.precise_bn: {what} is compiled with torch.compile; its "
                 "BatchNorm inputs cannot be observed from compiled code. Pass the uncompiled "
                 "module (the one given to torch.compile; a compiled result's ._orig_mod)")
     return model
@@ -348,7 +351,8 @@ def _run_rounds(model: nn.Module, batches: Iterable[Any], num_batches: Optional[
                     empty = _empty_like_peer(header, device)
                 x = empty
             elif isinstance(x, Tensor):
-                empty = x[:0]
+                if empty is None or empty.shape[1:] != x.shape[1:]:
+                    empty = x.new_empty((0, *x.shape[1:]))
                 samples += _samples(x)
             else:
                 samples += _samples(x)

@@ -304,6 +304,10 @@ def test_compiled_model_is_unwrapped_and_compiled_submodule_refused() -> None:
     outer = nn.Sequential(torch.compile(_model().double()))
     with pytest.raises(ValueError, match="uncompiled module"):
         distnorm.precise_bn(outer, xs)
+    in_place = _model().double()
+    in_place.compile()
+    with pytest.raises(ValueError, match=r"the model \(model.compile\(\)\).*uncompiled"):
+        distnorm.precise_bn(in_place, xs)
 
 
 def test_bad_arguments() -> None:
@@ -347,3 +351,16 @@ def test_progress_bar(capsys: Any) -> None:
     model = _model().double()
     distnorm.precise_bn(model, _batches(0, [[2, 2]]), progress=True)
     assert "precise_bn" in capsys.readouterr().err
+
+
+def test_called_under_inference_mode_leaves_trainable_state() -> None:
+    """A validation loop runs under torch.inference_mode: the state precise_bn puts back
+    (CmBN's partial cycle here) must stay ordinary tensors that training updates."""
+    model = distnorm.convert_model(_model().double(), "cmbn", accumulation_steps=3)
+    model.train()
+    model(_batch(0, 50, 2)).sum().backward()  # a partial cycle
+    with torch.inference_mode():
+        distnorm.precise_bn(model, _batches(0, [[3, 2]]))
+    assert not any(t.is_inference() for t in _bn_state(model).values())
+    assert not model[1]._cycle_sums.is_inference()
+    model(_batch(0, 51, 2)).sum().backward()  # training goes on, in place
