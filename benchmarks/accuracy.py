@@ -1113,10 +1113,10 @@ def prepare_data(cfg: dict[str, Any]) -> dict[str, Any]:
 def run_evaluations(cfg: dict[str, Any], data_path: str, states_dir: str) -> dict[str, Any]:
     """PreciseBN and AdaBN on the trained states (:func:`_evaluate_rank` on W ranks)."""
     t0 = time.perf_counter()
-    load = list(os.getloadavg())
+    load, git = list(os.getloadavg()), git_revision()   # the code that runs, taken before it does
     out = run_ranks(_evaluate_rank, cfg["world"], cfg, data_path, states_dir, threads=1,
                     timeout=3600.0, pg_timeout=600.0)[0]
-    out.update(seconds=time.perf_counter() - t0, git=git_revision(), loadavg_at_start=load,
+    out.update(seconds=time.perf_counter() - t0, git=git, loadavg_at_start=load,
                date=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
                shifts={k: v[0] for k, v in SHIFTS.items()})
     return out
