@@ -956,14 +956,14 @@ def plot_evaluation(result: dict[str, Any], out_dir: str) -> None:
 
     names = [n for n, m in methods.items() if "precise" in m["acc"]]
     if names:
-        fig, ax = plt.subplots(figsize=(8, 1.0 + 0.75 * len(names)), dpi=110)
+        fig, ax = plt.subplots(figsize=(8, 1.5 + 0.75 * len(names)), dpi=110)
         bars(ax, names, [(STATS_LABELS[k], c, lambda n, k=k: methods[n]["acc"][k]["clean"])
                          for k, c in (("ema", "#bbbbbb"), ("precise", "#1f77b4"))])
         ax.set_xlabel("test accuracy (%)")
         ax.set_title(f"EMA statistics against PreciseBN (seed {cfg['seed']}; error bars: binomial SE)",
                      fontsize=10)
-        ax.legend(loc="lower right", fontsize=8)
-        fig.tight_layout()
+        fig.legend(*ax.get_legend_handles_labels(), loc="lower center", ncol=2, fontsize=8)
+        fig.tight_layout(rect=(0, 0.05, 1, 1))
         fig.savefig(os.path.join(out_dir, "accuracy_precise.png"))
         plt.close(fig)
 
