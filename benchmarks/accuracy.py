@@ -659,13 +659,12 @@ def _evaluate_rank(rank: int, world: int, cfg: dict[str, Any], data_path: str,
         total = torch.tensor(hits, dtype=torch.float64)
         dist.all_reduce(total)
         acc = (total / len(y_test)).view(len(stats), len(test_sets)).tolist()
-        out["methods"][name] = {"acc": {key: dict(zip(test_sets, row)) for key, row in zip(stats, acc)},
-                                "samples": samples, "rank0_seconds": seconds,
+        accs = {key: dict(zip(test_sets, row)) for key, row in zip(stats, acc)}
+        out["methods"][name] = {"acc": accs, "samples": samples, "rank0_seconds": seconds,
                                 "batch_per_rank": per_rank}
         if rank == 0:
-            print(f"evaluated {name}: " + "  ".join(f"{k} {v['clean']:.3f}"
-                                                     for k, v in out["methods"][name]["acc"].items()),
-                  flush=True)
+            clean = "  ".join(f"{key} {a['clean']:.3f}" for key, a in accs.items())
+            print(f"evaluated {name}: {clean}", flush=True)
     return out if rank == 0 else {}
 
 
@@ -842,7 +841,8 @@ def render_evaluation(result: dict[str, Any]) -> str:
               "Source: the statistics as trained; AdaBN: `distnorm.precise_bn` on the shifted "
               "training images (unlabelled, not augmented). GroupNorm and FrozenBN have no "
               "batch statistics to adapt.", "",
-              "| method | clean | " + " | ".join(f"{k}: source | {k}: AdaBN" for k in shifts) + " |",
+              "| method | clean | " + " | ".join(f"{k}: source | {k}: AdaBN" for k in shifts)
+              + " |",
               "|---|---|" + "---|---|" * len(shifts)]
     for name, m in methods.items():
         acc = m["acc"]
@@ -856,7 +856,8 @@ def render_evaluation(result: dict[str, Any]) -> str:
     lines += ["", f"Evaluations: {ev['seconds'] / 60:.1f} min wall on {m['cpu_count']} CPUs (load "
               f"average {ev['loadavg_at_start'][0]:.1f} at start), distnorm at {ev['git']}, "
               f"{ev['date']}; run after the training, or alone by `python benchmarks/accuracy.py "
-              f"--evaluate accuracy.json --states DIR` on the states a run kept with `--states`.", ""]
+              "--evaluate accuracy.json --states DIR` on the states a run kept with `--states`.",
+              ""]
     return "\n".join(lines)
 
 

@@ -2,7 +2,7 @@
 every method for a few steps on 4 gloo ranks with the real animal silhouettes, finds
 SyncBN equal to BN at batch 8 in one process, evaluates every trained model with its
 own statistics, PreciseBN and AdaBN (``distnorm.precise_bn``), and writes the JSON, the
-tables and the four plots (about 1-2 min on 2 loaded cores).
+tables and the four plots (1-4 min on 2 loaded cores).
 
 The images come from the ``animal-mnist`` package, which declares tensorflow as a
 dependency it does not need for its data; it cannot be a pip extra, so the test
