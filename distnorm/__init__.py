@@ -20,6 +20,7 @@ from .distributed.nonfinite import check_nonfinite
 from .convert import convert_model, register_variant, revert_model, variants
 from .errors import NonFiniteError, SyncError
 from .join import joinable
+from .population import precise_bn
 from .modules import (
     BatchInstanceNorm,
     BatchRenorm,
@@ -68,6 +69,7 @@ __all__ = [
     "joinable",
     "load_rank_state_dict",
     "moment_shortcut",
+    "precise_bn",
     "rank_state_dict",
     "register_variant",
     "registry",

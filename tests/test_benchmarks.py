@@ -113,3 +113,19 @@ def test_torch_algorithm_matches_batchnorm_on_concatenated_batch():
             assert "error" not in errors, (case, name, errors)
             assert set(errors) == {"output", "grad_input", "grad_weight_bias", "running_mean", "running_var"}
             assert max(errors.values()) < 1e-9, (case, name, errors)
+
+
+def test_precise_bn_benchmark_quick_writes_to_the_current_directory(tmp_path):
+    """benchmarks/precise_bn.py --quick runs, reports the ratio, and by default writes
+    under the current directory (never into the repository's results)."""
+    env = dict(os.environ, PYTHONWARNINGS="ignore",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "precise_bn.py"), "--quick"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+                          check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    saved = json.loads((tmp_path / "precise_bn_results" / "precise_bn_cpu.json").read_text())
+    results = saved["results"]
+    assert results["samples_used"] == 2 * 2 * 2  # 2 ranks × 2 batches × 2 images
+    assert results["ratio_wall"] > 0 and results["ratio_cpu"] > 0
+    assert "precise_bn / forward" in (tmp_path / "precise_bn_results" / "precise_bn_cpu.md").read_text()

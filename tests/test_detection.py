@@ -143,15 +143,23 @@ def test_digit_canvases(data_module):
 def test_smoke_run_then_resume_gives_the_same_next_step_loss(tmp_path, capsys):
     """2 ranks × 2 images, CBN (its iteration history is part of the checkpoint): the run
     writes per-step losses and a COCO mAP; resuming from its step-2 checkpoint gives the
-    same loss at step 3 as the uninterrupted run."""
+    same loss at step 3 as the uninterrupted run. The first run also evaluates after
+    steps 1 and 2 with ``--precise-bn 2`` (mAP with the training statistics and after
+    precise_bn): the resumed run, which evaluates nothing, matching it shows that
+    precise_bn leaves the training state (EMA statistics, CBN's history, the RNG) as it
+    was."""
     pytest.importorskip("torchmetrics")
     pytest.importorskip("mlxtend")
     first, second = tmp_path / "first", tmp_path / "second"
     common = [*TINY, "--nproc", "2", "--norm", "cbn", "--steps", "3", "--warmup", "1",
               "--lr", "1e-3"]
     assert cli.main(["train", *common, "--val-images", "4", "--checkpoint-every", "2",
-                     "--out", str(first)]) == 0
+                     "--eval-every", "1", "--precise-bn", "2", "--out", str(first)]) == 0
     a = _results(first)
+    assert isinstance(a["map_precise_bn"], float) and 0.0 <= a["map_precise_bn"] <= 1.0
+    assert {"map", "map_50", "mar_100"} <= set(a["final_precise_bn"])
+    assert [e["step"] for e in a["eval"]] == [1, 2]
+    assert all({"map", "precise_bn"} <= set(e) for e in a["eval"])
     assert a["world_size"] == 2 and a["backend"] == "gloo" and a["norm_layers"] == 70
     assert len(a["loss"]) == 3 and all(v > 0 for v in a["loss"])
     assert isinstance(a["map"], float) and 0.0 <= a["map"] <= 1.0

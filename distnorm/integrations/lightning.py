@@ -15,6 +15,12 @@ LightningModule when ``fit`` starts, before wrapping it, and its ``revert`` when
 ``fit`` ends, so the module you get back holds plain ``torch.nn.BatchNorm*d`` again.
 Single-device strategies ignore LayerSync plugins, as they do torch's.
 
+:class:`PreciseBN` is a callback that recomputes the BatchNorm statistics
+(:func:`distnorm.precise_bn`) on the training data before every validation::
+
+    trainer = L.Trainer(strategy="ddp", plugins=[DistnormSync()],
+                        callbacks=[PreciseBN(num_batches=200)])
+
 The plugin works with both package names, ``lightning`` (``lightning.pytorch``) and
 ``pytorch_lightning``: the class subclasses the ``LayerSync`` of the first one found
 and is registered as a virtual subclass of the other's, so either ``Trainer``
@@ -34,7 +40,7 @@ from ..convert import convert_model, revert_model
 from ..modules._base import BatchNormBase
 from ..modules.group_norm import GroupNorm
 
-__all__ = ["DistnormSync", "CONFLICT_MESSAGE"]
+__all__ = ["DistnormSync", "CONFLICT_MESSAGE", "PreciseBN"]
 
 # Lightning packages, preferred first. Each has its own copy of the plugin classes.
 _PACKAGES = ("lightning.pytorch", "pytorch_lightning")
@@ -65,6 +71,7 @@ def _lightning_packages() -> List[str]:
 
 _FOUND = _lightning_packages()
 _LayerSync: type = importlib.import_module(f"{_FOUND[0]}.plugins").LayerSync
+_Callback: type = importlib.import_module(_FOUND[0]).Callback
 
 
 class DistnormSync(_LayerSync):  # type: ignore[misc, valid-type]
@@ -136,6 +143,62 @@ class DistnormSync(_LayerSync):  # type: ignore[misc, valid-type]
         return f"{type(self).__name__}(mode={self.mode!r}{group}{options})"
 
 
+class PreciseBN(_Callback):  # type: ignore[misc, valid-type]
+    """A Lightning callback: :func:`distnorm.precise_bn` on the training data before
+    every validation (PreciseBN, Wu & Johnson 2021).
+
+    Before each validation run of ``fit`` (not the sanity check), every rank feeds
+    its first ``num_batches`` training batches through the LightningModule's
+    ``forward`` and the BatchNorm statistics become the exact population statistics
+    of what all ranks fed (see :func:`distnorm.precise_bn`); validation then uses
+    them. The recomputed statistics stay in the model (training goes on from them
+    and checkpoints hold them).
+
+    Args:
+        num_batches: training batches per rank to use (``None``: the whole
+            dataloader; Wu & Johnson found 10^3–10^4 samples in all enough).
+        input_fn: turns a training batch (already on the module's device) into the
+            ``forward`` input; default: the first element of a tuple/list batch, else
+            the batch itself.
+        progress: a progress bar on rank 0.
+
+    Example::
+
+        >>> trainer = lightning.Trainer(callbacks=[PreciseBN(num_batches=200)])
+    """
+
+    def __init__(self, num_batches: Optional[int] = 200, *,
+                 input_fn: Optional[Callable[[Any], Any]] = None, progress: bool = False) -> None:
+        super().__init__()
+        if num_batches is not None and (isinstance(num_batches, bool)
+                                        or not isinstance(num_batches, int) or num_batches < 1):
+            raise ValueError(f"PreciseBN: num_batches must be an int >= 1 or None "
+                             f"(got {num_batches!r})")
+        self.num_batches = num_batches
+        self.input_fn = input_fn
+        self.progress = progress
+        self.samples: Optional[int] = None  # what the last recomputation used (group)
+
+    def on_validation_start(self, trainer: Any, pl_module: nn.Module) -> None:
+        if trainer.sanity_checking or trainer.train_dataloader is None:
+            return
+        from ..population import precise_bn
+
+        to_device = trainer.strategy.batch_to_device
+        select = self.input_fn
+
+        def inputs() -> Any:
+            for batch in trainer.train_dataloader:
+                batch = to_device(batch)
+                yield select(batch) if select is not None else batch
+
+        # Validation runs under inference_mode; precise_bn leaves it for its own work.
+        self.samples = precise_bn(pl_module, inputs(), self.num_batches, progress=self.progress)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(num_batches={self.num_batches!r})"
+
+
 def _one_way(module: nn.Module) -> bool:
     """A distnorm layer that reverting to BatchNorm would lose information from."""
     if isinstance(module, GroupNorm):
@@ -188,4 +251,7 @@ for _package in _FOUND:
     if _package != _FOUND[0]:
         # The other package's Trainer checks isinstance against its own LayerSync.
         importlib.import_module(f"{_package}.plugins").LayerSync.register(DistnormSync)
+        other_callback = importlib.import_module(_package).Callback
+        if hasattr(other_callback, "register"):  # an ABC in some releases
+            other_callback.register(PreciseBN)
     _guard_sync_batchnorm(_package)

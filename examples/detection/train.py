@@ -16,7 +16,9 @@ and on several (one torchrun per node; see launchers/ and the README)::
 its own 1-2 images), or a distnorm variant — ``sync``, ``cbn``, ``brn``, ``cmbn``,
 ``gn``, ``frozen``. Outputs go to ``--out``: ``results.json`` (arguments, per-step
 loss, mAP, timings) and ``checkpoints/`` (``--resume auto`` continues from the last one
-and gives the same losses as an uninterrupted run).
+and gives the same losses as an uninterrupted run). ``--precise-bn N`` evaluates twice:
+with the statistics training left and after ``distnorm.precise_bn`` on N training
+batches per rank (``results.json``: ``final`` and ``final_precise_bn``).
 """
 
 from __future__ import annotations
@@ -147,6 +149,11 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     run = parser.add_argument_group("run")
     run.add_argument("--out", default="runs/detection", help="results.json and checkpoints/ go here")
     run.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: at the end only)")
+    run.add_argument("--precise-bn", type=int, default=0, metavar="N",
+                     help="before each evaluation, recompute the BatchNorm statistics on N "
+                          "training batches per rank (distnorm.precise_bn) and report mAP with "
+                          "the training (EMA) statistics and with the recomputed ones; training "
+                          "and checkpoints keep the EMA statistics (0: off)")
     run.add_argument("--checkpoint-every", type=int, default=100, help="save every N steps (0: at the end only)")
     run.add_argument("--resume", default=None, metavar="PATH|auto",
                      help="continue from a checkpoint (auto: OUT/checkpoints/last.pt if present)")
@@ -171,7 +178,8 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     for name in ("batch_size", "accumulation_steps", "steps", "train_images", "image_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)})")
-    for name in ("val_images", "eval_every", "checkpoint_every", "workers", "warmup", "threads"):
+    for name in ("val_images", "eval_every", "checkpoint_every", "workers", "warmup", "threads",
+                 "precise_bn"):
         if getattr(args, name) < 0:
             parser.error(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(args, name)})")
     if args.norm != "bn" and args.norm not in distnorm.variants():
@@ -302,6 +310,39 @@ def evaluate(model: nn.Module, dataset: DigitDetection, rank: int, world: int,
         warnings.simplefilter("ignore")
         result = metric.compute()
     return {k: float(v) for k, v in result.items() if v.numel() == 1 and k != "classes"}
+
+
+def evaluate_with_precise_bn(model: nn.Module, val_set: DigitDetection, train_set: DigitDetection,
+                             args: argparse.Namespace, rank: int, world: int,
+                             device: torch.device) -> tuple:
+    """``(metrics with the training statistics, metrics after precise_bn or None)``.
+
+    With ``--precise-bn N`` the statistics are recomputed on the first N training batches
+    of each rank (the batches of the first N micro-steps, the same on every evaluation),
+    the model is evaluated again, and the training (EMA) statistics are put back, so that
+    training, checkpoints and resumption are those of a run without the flag.
+    """
+    ema = evaluate(model, val_set, rank, world, device, args.batch_size)
+    if not args.precise_bn:
+        return ema, None
+    layers = [m for m in model.modules()
+              if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None]
+    saved = [(m.running_mean.clone(), m.running_var.clone()) for m in layers]
+    order = StepBatches(len(train_set), world, rank, args.batch_size, args.seed, 0, args.precise_bn)
+    # No DataLoader: creating its iterator would draw from the global RNG training uses.
+    inputs = (([train_set[j][0].to(device) for j in indices],) for indices in order)
+    # The detector itself in eval mode (no targets needed); precise_bn puts the
+    # BatchNorm layers in training mode while it collects.
+    was_training = model.training
+    model.eval()
+    distnorm.precise_bn(model, inputs, args.precise_bn)
+    model.train(was_training)
+    precise = evaluate(model, val_set, rank, world, device, args.batch_size)
+    with torch.no_grad():
+        for m, (mean, var) in zip(layers, saved):
+            m.running_mean.copy_(mean)
+            m.running_var.copy_(var)
+    return ema, precise
 
 
 # -- checkpoints -------------------------------------------------------------------------
@@ -526,11 +567,15 @@ def _run(args: argparse.Namespace, info: DistEnv, use_cuda: bool, t_start: float
         done = step + 1
         if args.eval_every and done % args.eval_every == 0 and done < args.steps:
             t1 = time.time()
-            metrics = evaluate(model, val_set, rank, world, device, args.batch_size)
+            metrics, precise = evaluate_with_precise_bn(model, val_set, train_set, args, rank,
+                                                        world, device)
             eval_s += time.time() - t1
             if is_main:
-                record["eval"].append({"step": done, **metrics})
-                say(f"step {done}: mAP {metrics['map']:.4f}  mAP@50 {metrics['map_50']:.4f}")
+                record["eval"].append({"step": done, **metrics,
+                                       **({"precise_bn": precise} if precise else {})})
+                say(f"step {done}: mAP {metrics['map']:.4f}  mAP@50 {metrics['map_50']:.4f}"
+                    + (f"  (precise_bn: mAP {precise['map']:.4f}  mAP@50 {precise['map_50']:.4f})"
+                       if precise else ""))
         if (args.checkpoint_every and done % args.checkpoint_every == 0) or done == args.steps:
             save_checkpoint(os.path.join(ckpt_dir, f"step_{done:06d}.pt"), model, optimizer, done,
                             record, args, rank, world)
@@ -538,7 +583,8 @@ def _run(args: argparse.Namespace, info: DistEnv, use_cuda: bool, t_start: float
         progress.close()
 
     t1 = time.time()
-    final = evaluate(model, val_set, rank, world, device, args.batch_size) if args.val_images else None
+    final, final_precise = (evaluate_with_precise_bn(model, val_set, train_set, args, rank, world,
+                                                     device) if args.val_images else (None, None))
     eval_s += time.time() - t1
     if args.stats_dir:
         os.makedirs(args.stats_dir, exist_ok=True)
@@ -552,6 +598,10 @@ def _run(args: argparse.Namespace, info: DistEnv, use_cuda: bool, t_start: float
         if final is not None:
             log(f"final: mAP {final['map']:.4f}  mAP@50 {final['map_50']:.4f}  "
                 f"mAR@100 {final['mar_100']:.4f}")
+        if final_precise is not None:
+            log(f"final after precise_bn on {args.precise_bn} batches per rank: mAP "
+                f"{final_precise['map']:.4f}  mAP@50 {final_precise['map_50']:.4f}  "
+                f"mAR@100 {final_precise['mar_100']:.4f}")
         ran = args.steps - start
         results = {
             "args": vars(args), "world_size": world, "backend": dist.get_backend(),
@@ -561,6 +611,8 @@ def _run(args: argparse.Namespace, info: DistEnv, use_cuda: bool, t_start: float
             "norm_layers": len(layers), "resumed_from_step": start if resume else None,
             "loss": record["loss"], "lr": record["lr"], "eval": record["eval"], "final": final,
             "map": None if final is None else final["map"],
+            "final_precise_bn": final_precise,
+            "map_precise_bn": None if final_precise is None else final_precise["map"],
             "time": {"total_s": time.time() - t_start, "setup_s": t_setup, "train_s": train_s,
                      "eval_s": eval_s, "step_s": train_s / ran if ran > 0 else None,
                      "first_step_s": first_step_s},
