@@ -6,15 +6,19 @@ suite (``tests/test_faults.py`` for rows 1-10, ``tests/test_reliability.py`` for
 what the scenarios return, the benchmark runs each once and tabulates it. It holds
 the models, the data of each case (``_empty_case``, ``_fp16_case``,
 ``_offset_shards``, ...), the per-rank workers (``_w_*``), the ``fault_*`` functions
-that run a row on a fresh fault world (:func:`distnorm.launch.faults.run_fault`),
+that run a row on a fresh fault world (:func:`fault_worlds.run_fault`),
 the constants the rows are parametrized by (``SYNCED``, ``BN_EQUIVALENT``,
 ``EMPTY_SIZES``, ``OFFSETS``, ``DEADLINE_S``, ...) and the references of the rows
 checked against nn.BatchNorm (:func:`join_matches_reference`,
 :func:`checkpoint_difference`).
 
+It lives beside the benchmark, not in the product package: scaffolding for the tests
+and the benchmark, imported as the top-level module ``fault_scenarios`` with
+``benchmarks/`` on ``sys.path``.
+
 The workers are module-level functions: fault worlds and the tests' worker pools
 pickle them by reference, and importing this module has the fault worlds'
-forkserver preload it (:func:`distnorm.launch.faults.preload`).
+forkserver preload it (:func:`fault_worlds.preload`).
 """
 
 from __future__ import annotations
@@ -34,10 +38,13 @@ from torch.utils.checkpoint import checkpoint
 
 import distnorm
 
-from ..errors import NonFiniteError
-from ..modules._base import BatchNormBase
-from . import faults
-from .faults import FaultRun, run_fault, start_clock
+from distnorm.errors import NonFiniteError
+from distnorm.modules._base import BatchNormBase
+
+# A sibling in benchmarks/ (on sys.path: the benchmark puts its folder there, the
+# tests too), as benchmarks/_common.py is.
+import fault_worlds as faults  # noqa: E402  (isort: after distnorm)
+from fault_worlds import FaultRun, run_fault, start_clock  # noqa: E402
 
 # The fault worlds' forkserver imports this module (its workers) before it forks ranks.
 faults.preload(__name__)

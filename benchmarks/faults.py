@@ -2,8 +2,8 @@
 
 Runs the very scenarios that ``tests/test_faults.py`` and ``tests/test_reliability.py``
 assert on (the ``fault_*`` functions and workers of
-:mod:`distnorm.launch.fault_scenarios`), each on fresh gloo ranks forked for the
-case by :func:`distnorm.launch.faults.run_fault` (group timeout ``PG_TIMEOUT_S`` =
+:mod:`fault_scenarios`, beside this script), each on fresh gloo ranks forked for the
+case by :func:`fault_worlds.run_fault` (group timeout ``PG_TIMEOUT_S`` =
 10 s), and records per fault what distnorm did, the time from the start of the faulty step to the error on the last rank that
 raised, and the message (rank 0's, or the first rank that raised). The rows that are
 no error (empty batches, fp16, large offsets, checkpoints, uneven inputs under
@@ -38,10 +38,10 @@ from torch import nn  # noqa: E402
 
 from _common import distnorm_provenance, machine_info  # noqa: E402
 
-# The scenarios (fault_* functions, their workers and data) are the library's, shared
-# with the tests: rows 1-10 (tests/test_faults.py) and 11-16 (tests/test_reliability.py).
-from distnorm.launch import fault_scenarios as fs  # noqa: E402
-from distnorm.launch.faults import PG_TIMEOUT_S, FaultRun, run_fault  # noqa: E402
+# The scenarios (fault_* functions, their workers and data) sit beside this script,
+# shared with the tests: rows 1-10 (tests/test_faults.py) and 11-16 (tests/test_reliability.py).
+import fault_scenarios as fs  # noqa: E402
+from fault_worlds import PG_TIMEOUT_S, FaultRun, run_fault  # noqa: E402
 
 DEFAULT_OUT = os.path.join(HERE, "results")
 MESSAGE_CHARS = 160

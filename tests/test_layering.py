@@ -219,3 +219,13 @@ def test_packed_sums_layout_has_one_home():
     assert torch.equal(sum_sq, torch.tensor([86.0, 158.0, 262.0], dtype=torch.float64))
     head, extra = distnorm._packing.split_packed(torch.cat([sums, torch.ones(5)]), 3)
     assert torch.equal(head, sums) and extra.numel() == 5
+
+
+def test_fault_matrix_scaffolding_stays_out_of_the_package():
+    """The fault matrix's worlds and scenarios are test and benchmark scaffolding: they
+    live in benchmarks/ (fault_worlds.py, fault_scenarios.py), not in distnorm."""
+    assert not [name for name in MODULES if "fault" in name.rsplit(".", 1)[-1]]
+    benchmarks = ROOT.parent / "benchmarks"
+    if benchmarks.is_dir():  # a checkout (installed, they are distnorm._bench's)
+        assert (benchmarks / "fault_worlds.py").is_file()
+        assert (benchmarks / "fault_scenarios.py").is_file()

@@ -26,9 +26,9 @@ row   case                                        asserted
 ====  ==========================================  ==========================================
 
 Faults that break a process group run on fresh ranks (``run_fault`` of
-:mod:`distnorm.launch.faults`: every rank reports, raises or dies, and none is left
+``benchmarks/fault_worlds.py``: every rank reports, raises or dies, and none is left
 alive); the rest use the shared pools. The scenarios (the workers and ``fault_*``
-runs of rows 11-16) live in :mod:`distnorm.launch.fault_scenarios`, which
+runs of rows 11-16) live in ``benchmarks/fault_scenarios.py``, which
 ``benchmarks/faults.py`` runs once and tabulates (docs/faults.md); the assertions
 are here.
 """
@@ -39,12 +39,15 @@ import pytest
 import torch
 from torch import nn
 
-from distnorm.launch.fault_scenarios import (DEADLINE_S, SYNCED, _compile_shards,
-                                             _w_checkpointed, _w_compiled_nonfinite,
-                                             checkpoint_difference, fault_eval_rank_deadline,
-                                             fault_extra_forward, fault_join,
-                                             fault_join_not_first, fault_join_without_a_batch,
-                                             fault_uneven_without_join, join_matches_reference)
+from tests._fault_matrix import BENCHMARKS  # noqa: F401  (puts benchmarks/ on sys.path)
+
+from fault_scenarios import (  # noqa: E402
+    DEADLINE_S, SYNCED, _compile_shards,
+    _w_checkpointed, _w_compiled_nonfinite,
+    checkpoint_difference, fault_eval_rank_deadline,
+    fault_extra_forward, fault_join,
+    fault_join_not_first, fault_join_without_a_batch,
+    fault_uneven_without_join, join_matches_reference)
 from tests.test_faults import assert_bounded, assert_sync_error
 
 
