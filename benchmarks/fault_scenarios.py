@@ -754,3 +754,52 @@ def checkpoint_difference(results: List[Dict[str, Any]]) -> float:
         worst = max([worst] + [(a.double() - b.double()).abs().max().item() for a, b in pairs])
     return worst
 
+
+
+# =====================================================================================
+# Row 17: a rank skips its synced layers and makes another collective (issue 23)
+# =====================================================================================
+def _w_eval_then_collective(rank: int, world: int, at: int, other: str, isolate: bool) -> str:
+    """Rank 1 forgets ``model.train()`` at step ``at`` (after validation, say): its
+    forward makes no synced collective, and its next collective is someone else's —
+    DDP's gradient all-reduce (``other="ddp"``) or a metric all-reduce (``"metric"``)
+    — while rank 0 waits in a synced layer."""
+    os.environ["DISTNORM_TIMEOUT"] = str(DEADLINE_S)
+    if not isolate:
+        os.environ["DISTNORM_ISOLATE"] = "0"
+    net = _net("sync")
+    model = DDP(net) if other == "ddp" else net
+    for step in range(at + 1):
+        if step == at:
+            start_clock()
+            net.train(rank == 0)
+        _step(model, rank, step)
+        if other == "metric":  # a metric all-reduce, larger than distnorm's packets
+            dist.all_reduce(torch.ones(300))
+    return "finished"
+
+
+def fault_eval_then_collective(at: int = 2, other: str = "ddp", isolate: bool = True) -> FaultRun:
+    what = "DDP's gradient all-reduce" if other == "ddp" else "a metric all-reduce"
+    shared = "" if isolate else ", DISTNORM_ISOLATE=0"
+    return run_fault(f"row 17: rank 1 in eval mode at step {at}, then {what}{shared}",
+                     _w_eval_then_collective, 2, at, other, isolate)
+
+
+# =====================================================================================
+# Row 18: torch's own Join([ddp]) without distnorm.joinable (issue 23)
+# =====================================================================================
+def _w_plain_join(rank: int, world: int, throw: bool) -> str:
+    os.environ["DISTNORM_TIMEOUT"] = str(DEADLINE_S)
+    model = DDP(_join_net("sync", {}))
+    start_clock()
+    with Join([model], throw_on_early_termination=throw):
+        for x, g in _join_batches((3, 1))[rank]:
+            (model(x) * g).sum().backward()
+    return "finished"
+
+
+def fault_plain_join(throw: bool = False) -> FaultRun:
+    how = ", throw_on_early_termination=True" if throw else ""
+    return run_fault(f"row 18: Join([ddp]){how} without distnorm.joinable, batches (3, 1)",
+                     _w_plain_join, 2, throw)

@@ -80,6 +80,7 @@ from torch import Tensor
 from .. import kernels
 from .._compat import functional_collectives
 from ..errors import NonFiniteError, SyncError
+from . import ddp_join, isolation
 
 __all__ = ["DEBUG_ENV", "DEFAULT_TIMEOUT_S", "NONFINITE_POLICIES", "TIMEOUT_ENV", "Call",
            "InFlight", "SyncContext", "all_reduce", "resolve_timeout", "set_transport",
@@ -237,10 +238,14 @@ class _Shared:
     seq: int = 0
     # device -> float64 [seq, seq²], advanced on that device by device-side packets.
     seq_guard: Dict[torch.device, Tensor] = field(default_factory=dict)
-    # The group the collectives run on (distnorm.join swaps in a group of its own).
+    # The group the collectives run on while a Join is active (distnorm.join); None:
+    # the default, distnorm's own group of the same ranks (distributed.isolation).
     transport: Any = None
     # Calls recorded for distnorm.join (None: not recording).
     trace: Optional[List[Call]] = None
+    # The DDP module whose forward runs the group's synced layers (a weak reference,
+    # found at a header), checked for torch's Join without distnorm.joinable.
+    ddp: Any = None
     # Contexts with deferred checks in flight.
     waiting: List[SyncContext] = field(default_factory=list)
 
@@ -276,8 +281,10 @@ def _shared(group: Any) -> _Shared:
 
 def set_transport(group: Any, transport: Optional[Any]) -> None:
     """Run ``group``'s guarded collectives on ``transport`` (a group of the same
-    ranks), or on ``group`` itself again with ``None``. Counters, packet size and
-    checks stay ``group``'s. Every rank must switch at the same point."""
+    ranks), or on the default again with ``None`` (distnorm's own group of those
+    ranks, or ``group`` itself with ``DISTNORM_ISOLATE=0``: see
+    :mod:`~distnorm.distributed.isolation`). Counters, packet size and checks stay
+    ``group``'s. Every rank must switch at the same point."""
     _shared(group).transport = transport
 
 
@@ -356,8 +363,16 @@ def _failure(context: SyncContext, what: str, group: Any, error: BaseException,
 def _reduce(context: SyncContext, what: str, group: Any, shared: _Shared, packet: Tensor,
             timeout: Optional[float]) -> None:
     """Sum ``packet`` over the group in place, waiting at most ``timeout`` seconds."""
-    transport = shared.transport if shared.transport is not None else group
+    transport = shared.transport
     start = time.monotonic()
+    if transport is None:
+        try:  # distnorm's own group, made at the group's first guarded call
+            transport = isolation.transport(group, timeout)
+        except RuntimeError as error:  # a peer did not come: as for the collective itself
+            waited = time.monotonic() - start
+            cause = RuntimeError(f"making distnorm's own process group timed out ({error})"
+                                 if timeout is not None and waited >= 0.99 * timeout else error)
+            raise _failure(context, what, group, cause, timeout, waited) from error
     try:
         if timeout is None:
             dist.all_reduce(packet, op=dist.ReduceOp.SUM, group=transport)
@@ -633,6 +648,8 @@ def _guarded_all_reduce(buffer: Tensor, group: Any, context: SyncContext, what: 
     autograd = what != "forward" or context.autograd
     numel = buffer.numel()
     state = context.direction(what)
+    if what == "forward" and not capturing:
+        _refuse_plain_join(shared, state, context)
     if shared.trace is not None and not capturing:
         shared.trace.append(Call(context, what, numel, nonfinite, buffer.device, autograd))
     timeout = _deadline(context, buffer)
@@ -657,6 +674,15 @@ def _guarded_all_reduce(buffer: Tensor, group: Any, context: SyncContext, what: 
         if context not in shared.waiting:
             shared.waiting.append(context)
     return packed[:numel].to(buffer.dtype)
+
+
+def _refuse_plain_join(shared: _Shared, state: _Direction, context: SyncContext) -> None:
+    """ValueError on every rank at the first synced forward under torch's Join([ddp])
+    without distnorm.joinable (see distributed.ddp_join)."""
+    if shared.ddp is None and not state.checked:  # a header call: look for DDP once
+        shared.ddp = ddp_join.find_ddp()
+    if shared.ddp is not None and shared.transport is None:
+        ddp_join.refuse_plain_join(shared.ddp, context.name)
 
 
 def _raise_nonfinite(context: SyncContext, group: Any, bits: float) -> None:
@@ -698,7 +724,7 @@ def shadow(call: Call, group: Any) -> List[InFlight]:
     context, what, numel = call.context, call.what, call.numel
     shared = _shared(group)
     rank = dist.get_rank(group)
-    transport = shared.transport if shared.transport is not None else group
+    transport = shared.transport if shared.transport is not None else isolation.transport(group)
     state = context.direction(what)
     state.calls += 1
     issued: List[InFlight] = []
