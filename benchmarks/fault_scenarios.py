@@ -365,6 +365,32 @@ def _w_fp16(rank: int, world: int, mode: str, options: Dict[str, Any],
     return out
 
 
+def _w_fp16_long(rank: int, world: int, mode: str, options: Dict[str, Any],
+                 steps: Sequence[Tuple[int, float]]) -> Dict[str, Any]:
+    """A ``.half()`` synced layer trained for ``steps`` = [(count, std), ...]: batches
+    whose variance passes the half range (65504), then normal ones. Per step: whether
+    the running statistics and an eval output are finite, and the running variance."""
+    torch.manual_seed(0)
+    layer = distnorm.convert_model(nn.BatchNorm1d(3), mode=mode, **options).half()
+    gen = torch.Generator().manual_seed(80 + rank)
+    probe = torch.randn(4, 3, generator=gen).half()
+    history: List[Dict[str, Any]] = []
+    for count, std in steps:
+        for _ in range(count):
+            layer.train()
+            layer((torch.randn(8, 3, generator=gen) * std).half())
+            layer.eval()
+            y = layer(probe * std)
+            history.append({"var": layer.running_var.float().clone(),
+                            "finite": bool(torch.isfinite(layer.running_var).all()
+                                           and torch.isfinite(layer.running_mean).all()),
+                            "eval_finite": bool(torch.isfinite(y).all())})
+    return {"history": history}
+
+
+FP16_LONG_STEPS = [(25, 1000.0), (120, 1.0)]  # variance 1e6 (past 65504), then 1
+
+
 # -- row 9: large offsets and tiny variances -------------------------------------------
 OFFSETS = [(1e4, 1.0), (-1e3, 0.1), (1e2, 1e-3), (0.0, 1e-3)]  # (mean, std): |mean|/std to 1e5
 

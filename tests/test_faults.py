@@ -71,7 +71,7 @@ from fault_scenarios import (  # noqa: E402
     BN_EQUIVALENT, BN_EVERY_STEP, EMPTY_SIZES, OFFSETS,
     SYNCED, _empty_case, _empty_model, _fp16_case,
     _offset_shards, _skip_case, _w_cross_variant,
-    _w_direct_skip, _w_empty, _w_fp16, _w_nonfinite_skip,
+    _w_direct_skip, _w_fp16_long, FP16_LONG_STEPS, _w_empty, _w_fp16, _w_nonfinite_skip,
     _w_offsets, _w_resume, fault_call_order,
     fault_channels, fault_early_exit, fault_eval_rank,
     fault_killed, fault_nonfinite, fault_skip_first,
@@ -428,6 +428,20 @@ def test_row8_fp16_inputs_whose_squares_overflow(mode, world2):
             torch.testing.assert_close(res["running_var"].double(), unbiased64, rtol=rtol, atol=0)
             # fp16 output (|y| < 5): an fp16 rounding (2e-3) plus the statistics' error.
             torch.testing.assert_close(res["y"].double(), y64[rows[rank]], rtol=0, atol=1e-2)
+
+
+@pytest.mark.parametrize("mode", ["sync", "brn"])
+def test_row8_fp16_running_variance_saturates_past_the_half_range(mode, world2):
+    """A .half() layer whose running variance passes 65504 keeps it at 65504 (never
+    inf, so never NaN), eval outputs stay finite, and it recovers afterwards;
+    nn.BatchNorm.half() stores inf (eval outputs 0) and never recovers."""
+    for out in _pool_run(world2, _w_fp16_long, mode, BN_EQUIVALENT.get(mode, {}),
+                         FP16_LONG_STEPS):
+        history = out["history"]
+        assert all(h["finite"] and h["eval_finite"] for h in history)
+        high = FP16_LONG_STEPS[0][0]
+        assert (history[high - 1]["var"] == 65504.0).all()  # saturated, not inf
+        assert (history[-1]["var"] < 3.0).all()  # back with the batches' variance (1)
 
 
 # -- row 9: large offsets and tiny variances -------------------------------------------------
