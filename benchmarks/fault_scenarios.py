@@ -829,3 +829,31 @@ def fault_plain_join(throw: bool = False) -> FaultRun:
     how = ", throw_on_early_termination=True" if throw else ""
     return run_fault(f"row 18: Join([ddp]){how} without distnorm.joinable, batches (3, 1)",
                      _w_plain_join, 2, throw)
+
+
+# =====================================================================================
+# Row 19: layers built through a framework registry, then swapped (issue 23)
+# =====================================================================================
+def _w_registry_swap(rank: int, world: int) -> Dict[str, Any]:
+    """mmcv's ConvModule with ``norm_cfg=dict(type="DistSyncBN")`` (after
+    ``openmmlab.register()``), then mmengine's ``convert_sync_batchnorm`` (its
+    ``sync_bn`` option): what check_model says before and after."""
+    from mmcv.cnn import ConvModule
+    from mmengine.model import convert_sync_batchnorm
+
+    from distnorm.integrations import openmmlab
+
+    openmmlab.register()
+    model = nn.Sequential(ConvModule(3, 4, 3, norm_cfg=dict(type="DistSyncBN")),
+                          ConvModule(4, 4, 3, norm_cfg=dict(type="DistBRN")))
+    before = distnorm.check_model(model)
+    start_clock()
+    after = distnorm.check_model(convert_sync_batchnorm(model))
+    return {"before": (before.ok, len(before.synced)),
+            "after": (after.ok, [(s.name, s.kind, s.mode) for s in after.swapped]),
+            "report": str(after)}
+
+
+def fault_registry_swap() -> FaultRun:
+    return run_fault("row 19: norm_cfg=dict(type='DistSyncBN'), then mmengine's "
+                     "convert_sync_batchnorm", _w_registry_swap, 2)
