@@ -812,6 +812,27 @@ def fault_eval_then_collective(at: int = 2, other: str = "ddp", isolate: bool = 
                      _w_eval_then_collective, 2, at, other, isolate)
 
 
+def _w_own_group_of_a_subgroup(rank: int, world: int) -> Dict[str, Any]:
+    """Ranks 0 and 1 train synced layers on a subgroup (rank 2 has none), so only they
+    make distnorm's own group of it; then every rank makes a new group of the world
+    and reduces over it: torch must name it alike on every rank (no hang)."""
+    sub = dist.new_group([0, 1])
+    if rank < 2:
+        torch.manual_seed(0)
+        model = distnorm.convert_model(Net(), process_group=sub)
+        _step(model, rank, 0)
+    start_clock()
+    everyone = dist.new_group([0, 1, 2])
+    total = torch.ones(1)
+    dist.all_reduce(total, group=everyone)
+    return {"name": everyone.group_name, "sum": float(total)}
+
+
+def fault_own_group_of_a_subgroup() -> FaultRun:
+    return run_fault("row 17: synced layers on a subgroup of ranks [0, 1], then a new world "
+                     "group", _w_own_group_of_a_subgroup, 3)
+
+
 # =====================================================================================
 # Row 18: torch's own Join([ddp]) without distnorm.joinable (issue 23)
 # =====================================================================================

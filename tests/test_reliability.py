@@ -48,7 +48,7 @@ from fault_scenarios import (  # noqa: E402
     fault_extra_forward, fault_join,
     fault_join_not_first, fault_join_without_a_batch,
     fault_uneven_without_join, join_matches_reference, fault_eval_then_collective,
-    fault_plain_join, fault_registry_swap)
+    fault_plain_join, fault_registry_swap, fault_own_group_of_a_subgroup)
 from tests.test_faults import assert_bounded, assert_sync_error
 
 
@@ -207,6 +207,16 @@ def test_row17_sharing_the_users_group_is_the_documented_switch():
     assert not run.alive_after, run.summary()
     statuses = {r["status"] for r in run.results}
     assert "died" in statuses or run.exited_after_report, run.summary()
+
+
+def test_row17_own_group_of_a_subgroup_leaves_torchs_group_names_alone():
+    """distnorm's own group of a subgroup is made by its ranks only; the groups the
+    user makes afterwards are named alike on every rank (else gloo would hang)."""
+    run = fault_own_group_of_a_subgroup()
+    assert_bounded(run)
+    values = [run.value(rank) for rank in range(3)]
+    assert {v["name"] for v in values} == {values[0]["name"]}
+    assert all(v["sum"] == 3.0 for v in values)
 
 
 # =====================================================================================

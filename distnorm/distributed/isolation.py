@@ -44,6 +44,7 @@ import zlib
 from dataclasses import dataclass
 from typing import Any, List, Optional
 
+import torch
 import torch.distributed as dist
 
 __all__ = ["ISOLATE_ENV", "isolating", "own_group", "transport"]
@@ -86,7 +87,13 @@ def transport(group: Any, timeout: Optional[float] = None) -> Any:
     entry = _entry(group)
     if not entry.isolate:
         return group
+    if entry.group is None and _capturing():
+        return group  # no group can be made inside a CUDA-graph capture: warm up first
     return entry.group if entry.group is not None else own_group(group, timeout)
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def own_group(group: Any, timeout: Optional[float] = None) -> Any:
