@@ -44,7 +44,7 @@ from distnorm.modules._base import BatchNormBase
 # A sibling in benchmarks/ (on sys.path: the benchmark puts its folder there, the
 # tests too), as benchmarks/_common.py is.
 import fault_worlds as faults  # noqa: E402  (isort: after distnorm)
-from fault_worlds import FaultRun, run_fault, start_clock  # noqa: E402
+from fault_worlds import CASE_TIMEOUT_S, FaultRun, run_fault, start_clock  # noqa: E402
 
 # The fault worlds' forkserver imports this module (its workers) before it forks ranks.
 faults.preload(__name__)
@@ -809,7 +809,7 @@ def fault_eval_then_collective(at: int = 2, other: str = "ddp", isolate: bool = 
     what = "DDP's gradient all-reduce" if other == "ddp" else "a metric all-reduce"
     shared = "" if isolate else ", DISTNORM_ISOLATE=0"
     return run_fault(f"row 17: rank 1 in eval mode at step {at}, then {what}{shared}",
-                     _w_eval_then_collective, 2, at, other, isolate)
+                     _w_eval_then_collective, 2, at, other, isolate, timeout=2 * CASE_TIMEOUT_S)
 
 
 def _w_own_group_of_a_subgroup(rank: int, world: int) -> Dict[str, Any]:
@@ -849,7 +849,7 @@ def _w_plain_join(rank: int, world: int, throw: bool) -> str:
 def fault_plain_join(throw: bool = False) -> FaultRun:
     how = ", throw_on_early_termination=True" if throw else ""
     return run_fault(f"row 18: Join([ddp]){how} without distnorm.joinable, batches (3, 1)",
-                     _w_plain_join, 2, throw)
+                     _w_plain_join, 2, throw, timeout=2 * CASE_TIMEOUT_S)
 
 
 # =====================================================================================

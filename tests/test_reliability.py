@@ -190,7 +190,7 @@ def test_row17_eval_rank_then_another_collective_is_a_sync_error_not_an_abort(at
     abort, no wrong-size match); rank 1's own collective has no partner and ends at
     the group's timeout (torch's RuntimeError)."""
     run = fault_eval_then_collective(at, other)
-    assert_bounded(run)
+    assert_bounded(run, limit=120)  # DDP: as row 13
     res = assert_sync_error(run, 0, "stem.1", ranks="[0, 1]", within=DEADLINE_S + 3)
     assert res["elapsed"] >= 0.9 * DEADLINE_S, res["elapsed"]
     assert f"within {DEADLINE_S:g} s" in res["message"] and "eval mode" in res["message"]
@@ -224,7 +224,7 @@ def test_row17_own_group_of_a_subgroup_leaves_torchs_group_names_alone():
 # =====================================================================================
 def test_row18_plain_join_is_refused_on_every_rank_with_a_pointer_to_joinable():
     run = fault_plain_join(throw=False)
-    assert_bounded(run)
+    assert_bounded(run, limit=120)  # DDP: as row 13
     for rank in (0, 1):
         res = run.results[rank]
         assert res["status"] == "raised" and res["type"] == "ValueError", run.summary()
@@ -235,7 +235,7 @@ def test_row18_plain_join_is_refused_on_every_rank_with_a_pointer_to_joinable():
 
 def test_row18_plain_join_throwing_on_early_termination_keeps_torchs_behaviour():
     run = fault_plain_join(throw=True)
-    assert_bounded(run)
+    assert_bounded(run, limit=120)  # DDP: as row 13
     for rank in (0, 1):
         res = run.results[rank]
         assert res["status"] == "raised" and res["type"] == "RuntimeError", run.summary()
