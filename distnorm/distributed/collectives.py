@@ -56,10 +56,15 @@ is traced into the graph (``"skip"`` semantics for both policies: no host read i
 possible there); the ranks hit are kept on the device and, for ``"raise"``, raised
 at the layer's next eager call.
 
+Isolation: the guarded collectives of a group run on distnorm's own group of the
+same ranks (:mod:`~distnorm.distributed.isolation`), so that they only ever meet each
+other, never DDP's or a metric's; torch's plain ``Join([ddp])`` is refused
+(:mod:`~distnorm.distributed.ddp_join`).
+
 Uneven inputs: :mod:`distnorm.join` records each iteration's guarded collectives
 (:class:`Call`) and lets a rank that ran out of data shadow them with zero
-contributions (:func:`shadow`), on a group of its own while a ``Join`` is active
-(:func:`set_transport`), so that they never interleave with DDP's collectives.
+contributions (:func:`shadow`), on distnorm's own group (:func:`set_transport`), so
+that they never interleave with DDP's collectives.
 """
 
 from __future__ import annotations
