@@ -2,8 +2,8 @@
 
 Runs the very scenarios that ``tests/test_faults.py`` and ``tests/test_reliability.py``
 assert on (the ``fault_*`` functions and workers of
-:mod:`distnorm.launch.fault_scenarios`), each on fresh gloo ranks forked for the
-case by :func:`distnorm.launch.faults.run_fault` (group timeout ``PG_TIMEOUT_S`` =
+:mod:`fault_scenarios`, beside this script), each on fresh gloo ranks forked for the
+case by :func:`fault_worlds.run_fault` (group timeout ``PG_TIMEOUT_S`` =
 10 s), and records per fault what distnorm did, the time from the start of the faulty step to the error on the last rank that
 raised, and the message (rank 0's, or the first rank that raised). The rows that are
 no error (empty batches, fp16, large offsets, checkpoints, uneven inputs under
@@ -39,10 +39,10 @@ from torch import nn  # noqa: E402
 
 from _common import DEFAULT_OUT, OUT_HELP, distnorm_provenance, machine_info  # noqa: E402
 
-# The scenarios (fault_* functions, their workers and data) are the library's, shared
-# with the tests: rows 1-10 (tests/test_faults.py) and 11-16 (tests/test_reliability.py).
-from distnorm.launch import fault_scenarios as fs  # noqa: E402
-from distnorm.launch.faults import PG_TIMEOUT_S, FaultRun, run_fault  # noqa: E402
+# The scenarios (fault_* functions, their workers and data) sit beside this script,
+# shared with the tests: rows 1-10 (tests/test_faults.py) and 11-16 (tests/test_reliability.py).
+import fault_scenarios as fs  # noqa: E402
+from fault_worlds import PG_TIMEOUT_S, FaultRun, run_fault  # noqa: E402
 
 MESSAGE_CHARS = 160
 
@@ -269,7 +269,70 @@ def reliability_rows(mode: str) -> List[Dict[str, Any]]:
     rows.append(_compiled_row("raise", False))
     rows.append(_compiled_row("skip", True))
     rows.append(_checkpoint_row())
+    rows += issue23_rows(mode)
     return rows
+
+
+def issue23_rows(mode: str) -> List[Dict[str, Any]]:
+    """Rows 8 (a long fp16 run) and 17-19 (tests/test_faults.py, tests/test_reliability.py)."""
+    rows = [_fp16_long_row(mode)]
+    deadline = f"distnorm's deadline ({fs.DEADLINE_S:g} s)"
+    for at, other, what in ((2, "ddp", "DDP's gradient all-reduce"),
+                            (2, "metric", "a metric all-reduce (300 floats)"),
+                            (0, "ddp", "DDP's gradient all-reduce, at the first step")):
+        rows.append(_error_row(
+            "17", f"rank 1 in eval mode (forgot model.train()) at step {at + 1}, then {what}",
+            fs.fault_eval_then_collective(at, other),
+            f"distnorm's collectives run on a group of their own and never meet the other "
+            f"collective: {deadline} on rank 0, naming the layer; rank 1's collective has no "
+            "partner and ends at the group's timeout (torch's error)"))
+    rows.append(_error_row(
+        "17", "same (step 3, DDP), DISTNORM_ISOLATE=0 (the user's group shared)",
+        fs.fault_eval_then_collective(2, "ddp", isolate=False),
+        "as torch's SyncBatchNorm: distnorm's packet meets DDP's bucket, gloo aborts"))
+    subgroup = fs.fault_own_group_of_a_subgroup()
+    names = {subgroup.results[r].get("value", {}).get("name") for r in range(3)
+             if subgroup.results[r]["status"] == "ok"}
+    rows.append(_plain_row(
+        "17", "synced layers on a subgroup of ranks [0, 1] (3 ranks), then a new world group",
+        "the subgroup's own group is made by ranks 0 and 1 only; the new world group is named "
+        "alike on every rank and reduces (no hang)", subgroup, len(names) == 1, {}))
+    rows.append(_error_row("18", "torch's Join([ddp]) without distnorm.joinable, batches (3, 1)",
+                           fs.fault_plain_join(False),
+                           "refused at the first synced forward inside the Join, before any "
+                           "rank runs out; the message names Join([distnorm.joinable(ddp_model), "
+                           "ddp_model]) and throw_on_early_termination=True"))
+    rows.append(_error_row("18", "Join([ddp], throw_on_early_termination=True), batches (3, 1)",
+                           fs.fault_plain_join(True),
+                           "torch's documented pattern, unchanged: every rank raises torch's "
+                           "'exhausted inputs' error"))
+    swap = fs.fault_registry_swap()
+    ok = all(res["status"] == "ok" and not res["value"]["after"][0] for res in swap.results)
+    rows.append(_plain_row("19", "norm_cfg=dict(type='DistSyncBN'/'DistBRN') (mmcv "
+                           "ConvModule), then mmengine's convert_sync_batchnorm (sync_bn)",
+                           "check_model reports both layers swapped away (ok=False): "
+                           "openmmlab.register() records registry-built layers in their parents",
+                           swap, ok, {}))
+    return rows
+
+
+def _fp16_long_row(mode: str) -> Dict[str, Any]:
+    options = fs.BN_EQUIVALENT.get(mode, {})
+    run = run_fault("row 8 long", fs._w_fp16_long, 2, mode, options, fs.FP16_LONG_STEPS)
+    ok, detail = False, {}
+    if all(res["status"] == "ok" for res in run.results):
+        history = run.value(0)["history"]
+        high = fs.FP16_LONG_STEPS[0][0]
+        detail = {"saturated": float(history[high - 1]["var"].max()),
+                  "final": float(history[-1]["var"].max()),
+                  "all_finite": all(h["finite"] and h["eval_finite"] for h in history)}
+        ok = detail["all_finite"] and detail["saturated"] == 65504.0
+    steps = " then ".join(f"{n} steps of variance {s * s:g}" for n, s in fs.FP16_LONG_STEPS)
+    return _plain_row("8", f"fp16 layer (.half()), {steps}",
+                      "running variance saturates at 65504 (never inf, never NaN; "
+                      "nn.BatchNorm.half() stores inf and its eval outputs become 0), eval "
+                      f"outputs finite at every step, back to {detail.get('final', math.nan):.2g} "
+                      "afterwards", run, ok, detail)
 
 
 def _join_row(mode: str, counts: Sequence[int], skip: Optional[Dict[int, int]]) -> Dict[str, Any]:
@@ -366,7 +429,7 @@ def markdown(rows: Sequence[Dict[str, Any]], meta: Dict[str, Any]) -> str:
              "error on the last rank that raised. Message: the first rank that raised, first "
              f"{MESSAGE_CHARS} characters. Generated by `python benchmarks/faults.py`; every row is "
              "a test in `tests/test_faults.py` (rows 1-10) or `tests/test_reliability.py` "
-             "(rows 11-16).", "",
+             "(rows 11-19).", "",
              "| # | fault | what distnorm does | time to error | message (first 160 chars) |",
              "|---|---|---|---|---|"]
     for row in rows:

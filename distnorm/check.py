@@ -9,6 +9,9 @@ every ``_BatchNorm`` subclass — distnorm's layers included — by a new
 layer instead of the one asked for. So :func:`~distnorm.convert_model` records, on
 each parent module, which of its children it made and in which mode, and
 :func:`check_model` reports every such child that is no longer a distnorm layer.
+Layers built by a framework's registry (``norm_cfg=dict(type="DistSyncBN")`` after
+``distnorm.integrations.openmmlab.register()``) are recorded the same way when they
+are placed in their parent (:func:`record_placements`).
 
 The record is a plain attribute of the parent module (``_distnorm_children``,
 child name → mode), not a mark on the layer or its tensors, because the parent is
@@ -89,7 +92,8 @@ class ModelReport:
 
     Attributes:
         layers: every distnorm layer, in module order.
-        swapped: layers ``convert_model`` made that are no longer distnorm's.
+        swapped: layers ``convert_model`` made (or a framework registry built, see
+            :func:`record_placements`) that are no longer distnorm's.
         world_size: ranks in the default process group, ``None`` when
             torch.distributed is not initialized.
         launcher: ``(variable, size)`` when a launcher's variables say the job runs
@@ -160,6 +164,33 @@ def record_conversion(root: nn.Module, made: Dict[int, str]) -> None:
         for child_name, child in parent._modules.items():
             if child is not None and id(child) in made:
                 parent.__dict__.setdefault(RECORD, {})[child_name] = made[id(child)]
+
+
+# The handle of the global hook installed by record_placements() (None: not installed).
+_PLACEMENT_HOOK: Optional[Any] = None
+
+
+def _record_placement(parent: nn.Module, name: str, child: Optional[nn.Module]) -> None:
+    """A module registration hook: a distnorm layer placed in ``parent`` is recorded
+    there as ``convert_model``'s layers are (a later replacement keeps the record)."""
+    if child is None or not is_distnorm_layer(child):
+        return
+    mode = next((mode for cls in type(child).__mro__
+                 for mode, variant in variants().items() if variant is cls), None)
+    if mode is not None:
+        parent.__dict__.setdefault(RECORD, {}).setdefault(name, mode)
+
+
+def record_placements() -> None:
+    """From now on, record every distnorm layer placed in a parent module, whoever built
+    it (a framework's registry: mmcv's ``build_norm_layer`` for ``norm_cfg=dict(type=
+    "DistSyncBN")``), so that :func:`check_model` reports it when another converter
+    replaces it. Installs one global ``nn.Module`` registration hook (run when a
+    submodule is assigned, never in ``forward``); calling it again is a no-op."""
+    global _PLACEMENT_HOOK
+    if _PLACEMENT_HOOK is None:
+        _PLACEMENT_HOOK = nn.modules.module.register_module_module_registration_hook(
+            _record_placement)
 
 
 def forget_conversion(root: nn.Module) -> None:
@@ -245,10 +276,11 @@ def check_model(model: nn.Module) -> ModelReport:
     launcher = launcher_world_size()
     notes: List[str] = []
     if swapped:
-        notes.append(f"{len(swapped)} layer(s) made by distnorm.convert_model were replaced by "
-                     "another converter (e.g. torch.nn.SyncBatchNorm.convert_sync_batchnorm, run "
-                     "by Lightning's sync_batchnorm=True or timm's --sync-bn): turn that option "
-                     "off, or call distnorm.convert_model after it")
+        notes.append(f"{len(swapped)} layer(s) made by distnorm.convert_model (or built as distnorm "
+                     "layers through a framework registry) were replaced by another converter "
+                     "(e.g. torch.nn.SyncBatchNorm.convert_sync_batchnorm, run by Lightning's "
+                     "sync_batchnorm=True, timm's --sync-bn or mmengine's sync_bn): turn that "
+                     "option off, or call distnorm.convert_model after it")
     if not initialized and launcher is not None and any(hasattr(m, "process_group") for m in
                                                        model.modules() if is_distnorm_layer(m)):
         variable, size = launcher

@@ -285,4 +285,11 @@ def _update_running_stats(running_mean: Tensor, running_var: Tensor,
         if running.dtype == dtype:
             running.lerp_(stat.to(dtype), factor)
         else:
-            running.copy_(running.to(dtype).lerp_(stat.to(dtype), factor))
+            # A half-precision buffer, updated in float32 and saturated at its largest
+            # finite value (65504 for float16), before and after: nn.BatchNorm.half()
+            # stores inf there, and the next lerp computes inf - inf = NaN. Saturated,
+            # it never becomes inf or NaN, eval outputs stay finite, and it recovers
+            # when the batch statistics come back into range (docs/faults.md, row 8).
+            limit = torch.finfo(running.dtype).max
+            blended = running.to(dtype).clamp_(-limit, limit).lerp_(stat.to(dtype), factor)
+            running.copy_(blended.clamp_(-limit, limit))

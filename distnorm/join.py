@@ -27,8 +27,9 @@ How it works:
   ``Join`` context this rank has not joined (the all-reduce DDP makes when it comes
   first) and starts recording this rank's guarded collectives; the recording of
   the previous iteration becomes the one a joined rank replays.
-* While a ``Join`` is active the synced layers reduce over a process group of their
-  own (the same ranks; made once, when the first ``Join`` starts), so that a joined
+* The synced layers reduce over a process group of their own (the same ranks;
+  :mod:`distnorm.distributed.isolation`), also while a ``Join`` is active with
+  ``DISTNORM_ISOLATE=0`` (made at the first ``Join`` then), so that a joined
   rank's shadows — issued without waiting, before DDP's — never interleave with
   DDP's collectives on the model's group. Guards (tags, call counters, sequence
   numbers, deadline) apply to the shadows as to any call: a joined rank whose
@@ -49,7 +50,6 @@ collectives are traced into the graph), so a rank that joins fails with
 
 from __future__ import annotations
 
-import weakref
 from typing import Any, List, Optional
 
 import torch
@@ -58,16 +58,12 @@ from torch import nn
 from torch.distributed.algorithms.join import Join, Joinable, JoinHook, _JoinConfig
 
 from .distributed import resolve_group
-from .distributed import collectives
+from .distributed import collectives, ddp_join, isolation
 from .distributed.collectives import Call, InFlight
 from .errors import SyncError
 from .modules._base import BatchNormBase
 
 __all__ = ["SyncedLayersJoinable", "joinable"]
-
-# group -> the group of the same ranks that synced layers use while a Join is active
-# (keyed weakly: a destroyed group is not kept alive here).
-_SHADOW_GROUPS: "weakref.WeakKeyDictionary[Any, Any]" = weakref.WeakKeyDictionary()
 
 
 def joinable(model: nn.Module) -> "SyncedLayersJoinable":
@@ -110,17 +106,16 @@ class SyncedLayersJoinable(Joinable):
         self._trace: Optional[List[Call]] = None
         self._notify: Any = None
         self._handle = model.register_forward_pre_hook(self._before_forward)
+        ddp_join.mark_joinable(model)
 
     # -- Joinable ----------------------------------------------------------------------
     def join_hook(self, **kwargs: Any) -> JoinHook:
         """Called by ``Join`` on every rank as it starts: from now on the synced layers
         reduce over a group of their own (see the module docstring)."""
         if self.group is not None:
-            shadow = _SHADOW_GROUPS.get(self.group)
-            if shadow is None:  # a collective call: every rank builds its Join here
-                shadow = _SHADOW_GROUPS[self.group] = dist.new_group(
-                    dist.get_process_group_ranks(self.group))
-            collectives.set_transport(self.group, shadow)
+            # distnorm's own group (made here if no synced call made it yet: every
+            # rank builds its Join here), also with DISTNORM_ISOLATE=0.
+            collectives.set_transport(self.group, isolation.own_group(self.group))
         return _SyncedLayersJoinHook(self)
 
     @property

@@ -34,7 +34,7 @@ Rows 1, 2, 4, 5, 6, 7 (and 8-10 where it applies) run for every synced variant i
 
 How the faulty runs are isolated. A fault that breaks a process group must not touch
 the session-wide worker pools of ``tests/_dist.py``, so each fault case gets W fresh
-ranks (:func:`distnorm.launch.faults.run_fault`): forked from a forkserver that has torch and distnorm
+ranks (:func:`fault_worlds.run_fault`, in ``benchmarks/``): forked from a forkserver that has torch and distnorm
 imported already (about 0.1 s per case instead of seconds per spawned interpreter),
 each with its own gloo group whose timeout is ``PG_TIMEOUT_S``. Every rank runs
 ``fn(rank, world, *args)``; a rank that raises reports the error's type, message and
@@ -44,7 +44,7 @@ peers' wait into a "connection closed" error instead of the fault under test. Th
 parent waits at most ``CASE_TIMEOUT_S``, SIGKILLs every rank in ``finally`` and
 checks that none is alive. Rows 5, 8, 9 and 10 break nothing and run on the shared
 ``world2`` pool. The scenarios themselves (models, data, workers and the ``fault_*``
-runs) live in :mod:`distnorm.launch.fault_scenarios`, which ``benchmarks/faults.py``
+runs) live in ``benchmarks/fault_scenarios.py``, which ``benchmarks/faults.py``
 runs once and tabulates (docs/faults.md); the assertions are here. Rows 11-16 (extra forwards, distnorm's deadline,
 uneven inputs under ``Join``, compiled models, activation checkpointing) are in
 tests/test_reliability.py.
@@ -64,16 +64,19 @@ from torch import nn
 
 import distnorm
 from distnorm.errors import NonFiniteError
-from distnorm.launch import faults
-from distnorm.launch.fault_scenarios import (BN_EQUIVALENT, BN_EVERY_STEP, EMPTY_SIZES, OFFSETS,
-                                             SYNCED, _empty_case, _empty_model, _fp16_case,
-                                             _offset_shards, _skip_case, _w_cross_variant,
-                                             _w_direct_skip, _w_empty, _w_fp16, _w_nonfinite_skip,
-                                             _w_offsets, _w_resume, fault_call_order,
-                                             fault_channels, fault_early_exit, fault_eval_rank,
-                                             fault_killed, fault_nonfinite, fault_skip_first,
-                                             fault_skip_later)
-from distnorm.launch.faults import FaultRun, run_fault
+from tests._fault_matrix import BENCHMARKS  # noqa: F401  (puts benchmarks/ on sys.path)
+
+import fault_worlds as faults  # noqa: E402
+from fault_scenarios import (  # noqa: E402
+    BN_EQUIVALENT, BN_EVERY_STEP, EMPTY_SIZES, OFFSETS,
+    SYNCED, _empty_case, _empty_model, _fp16_case,
+    _offset_shards, _skip_case, _w_cross_variant,
+    _w_direct_skip, _w_fp16_long, FP16_LONG_STEPS, _w_empty, _w_fp16, _w_nonfinite_skip,
+    _w_offsets, _w_resume, fault_call_order,
+    fault_channels, fault_early_exit, fault_eval_rank,
+    fault_killed, fault_nonfinite, fault_skip_first,
+    fault_skip_later)
+from fault_worlds import FaultRun, run_fault  # noqa: E402
 
 # The group timeout of every dedicated fault world, and the bound every case must end in.
 PG_TIMEOUT_S, CASE_TIMEOUT_S = faults.PG_TIMEOUT_S, faults.CASE_TIMEOUT_S
@@ -84,9 +87,9 @@ DETECTED_S = PG_TIMEOUT_S / 2
 # =====================================================================================
 # Dedicated fault worlds
 # =====================================================================================
-# The harness (fault worlds: start, record, kill) is distnorm.launch.faults; the scenarios
+# The harness (fault worlds: start, record, kill) is benchmarks/fault_worlds.py; the scenarios
 # (models, data, the workers and the fault_* runs of every row) are
-# distnorm.launch.fault_scenarios, shared with benchmarks/faults.py. What stays here is
+# benchmarks/fault_scenarios.py, shared with benchmarks/faults.py. What stays here is
 # what the tests assert.
 
 
@@ -425,6 +428,20 @@ def test_row8_fp16_inputs_whose_squares_overflow(mode, world2):
             torch.testing.assert_close(res["running_var"].double(), unbiased64, rtol=rtol, atol=0)
             # fp16 output (|y| < 5): an fp16 rounding (2e-3) plus the statistics' error.
             torch.testing.assert_close(res["y"].double(), y64[rows[rank]], rtol=0, atol=1e-2)
+
+
+@pytest.mark.parametrize("mode", ["sync", "brn"])
+def test_row8_fp16_running_variance_saturates_past_the_half_range(mode, world2):
+    """A .half() layer whose running variance passes 65504 keeps it at 65504 (never
+    inf, so never NaN), eval outputs stay finite, and it recovers afterwards;
+    nn.BatchNorm.half() stores inf (eval outputs 0) and never recovers."""
+    for out in _pool_run(world2, _w_fp16_long, mode, BN_EQUIVALENT.get(mode, {}),
+                         FP16_LONG_STEPS):
+        history = out["history"]
+        assert all(h["finite"] and h["eval_finite"] for h in history)
+        high = FP16_LONG_STEPS[0][0]
+        assert (history[high - 1]["var"] == 65504.0).all()  # saturated, not inf
+        assert (history[-1]["var"] < 3.0).all()  # back with the batches' variance (1)
 
 
 # -- row 9: large offsets and tiny variances -------------------------------------------------

@@ -304,3 +304,11 @@ def test_moved_launch_names_are_warning_aliases():
         assert distnorm.distributed.group_by is not None  # current names do not warn
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         old.nope  # noqa: B018
+def test_fault_matrix_scaffolding_stays_out_of_the_package():
+    """The fault matrix's worlds and scenarios are test and benchmark scaffolding: they
+    live in benchmarks/ (fault_worlds.py, fault_scenarios.py), not in distnorm."""
+    assert not [name for name in MODULES if "fault" in name.rsplit(".", 1)[-1]]
+    benchmarks = ROOT.parent / "benchmarks"
+    if benchmarks.is_dir():  # a checkout (installed, they are distnorm._bench's)
+        assert (benchmarks / "fault_worlds.py").is_file()
+        assert (benchmarks / "fault_scenarios.py").is_file()

@@ -26,9 +26,9 @@ row   case                                        asserted
 ====  ==========================================  ==========================================
 
 Faults that break a process group run on fresh ranks (``run_fault`` of
-:mod:`distnorm.launch.faults`: every rank reports, raises or dies, and none is left
+``benchmarks/fault_worlds.py``: every rank reports, raises or dies, and none is left
 alive); the rest use the shared pools. The scenarios (the workers and ``fault_*``
-runs of rows 11-16) live in :mod:`distnorm.launch.fault_scenarios`, which
+runs of rows 11-16) live in ``benchmarks/fault_scenarios.py``, which
 ``benchmarks/faults.py`` runs once and tabulates (docs/faults.md); the assertions
 are here.
 """
@@ -39,12 +39,16 @@ import pytest
 import torch
 from torch import nn
 
-from distnorm.launch.fault_scenarios import (DEADLINE_S, SYNCED, _compile_shards,
-                                             _w_checkpointed, _w_compiled_nonfinite,
-                                             checkpoint_difference, fault_eval_rank_deadline,
-                                             fault_extra_forward, fault_join,
-                                             fault_join_not_first, fault_join_without_a_batch,
-                                             fault_uneven_without_join, join_matches_reference)
+from tests._fault_matrix import BENCHMARKS  # noqa: F401  (puts benchmarks/ on sys.path)
+
+from fault_scenarios import (  # noqa: E402
+    DEADLINE_S, SYNCED, _compile_shards,
+    _w_checkpointed, _w_compiled_nonfinite,
+    checkpoint_difference, fault_eval_rank_deadline,
+    fault_extra_forward, fault_join,
+    fault_join_not_first, fault_join_without_a_batch,
+    fault_uneven_without_join, join_matches_reference, fault_eval_then_collective,
+    fault_plain_join, fault_registry_swap, fault_own_group_of_a_subgroup)
 from tests.test_faults import assert_bounded, assert_sync_error
 
 
@@ -172,3 +176,84 @@ def test_row15_compiled_nan_on_one_rank_never_poisons_the_running_statistics(pol
 # =====================================================================================
 def test_row16_activation_checkpointing_equals_batchnorm_under_checkpointing(world2):
     assert checkpoint_difference(world2.run(_w_checkpointed)) < 1e-9
+
+
+# =====================================================================================
+# Row 17: a rank skips its synced layers and makes another collective (issue 23)
+# =====================================================================================
+@pytest.mark.parametrize("at, other", [(2, "ddp"), (2, "metric"), (0, "ddp")],
+                         ids=["ddp-later-step", "metric-later-step", "ddp-first-step"])
+def test_row17_eval_rank_then_another_collective_is_a_sync_error_not_an_abort(at, other):
+    """Rank 1 forgets model.train(): its next collective is DDP's gradient bucket or a
+    metric all-reduce. distnorm's collectives run on a group of their own, so they
+    never meet it: rank 0 gets a SyncError naming the layer at the deadline (no gloo
+    abort, no wrong-size match); rank 1's own collective has no partner and ends at
+    the group's timeout (torch's RuntimeError)."""
+    run = fault_eval_then_collective(at, other)
+    assert_bounded(run, limit=120)  # DDP: as row 13
+    res = assert_sync_error(run, 0, "stem.1", ranks="[0, 1]", within=DEADLINE_S + 3)
+    assert res["elapsed"] >= 0.9 * DEADLINE_S, res["elapsed"]
+    assert f"within {DEADLINE_S:g} s" in res["message"] and "eval mode" in res["message"]
+    other_rank = run.results[1]
+    assert other_rank["status"] == "raised" and other_rank["type"] == "RuntimeError", \
+        run.summary()
+    assert "Received data size" not in other_rank["message"]
+
+
+def test_row17_sharing_the_users_group_is_the_documented_switch():
+    """DISTNORM_ISOLATE=0: the synced layers share the user's group, and the same
+    fault meets DDP's bucket there, as with torch's SyncBatchNorm (gloo aborts)."""
+    run = fault_eval_then_collective(2, "ddp", isolate=False)
+    assert not run.alive_after, run.summary()
+    statuses = {r["status"] for r in run.results}
+    assert "died" in statuses or run.exited_after_report, run.summary()
+
+
+def test_row17_own_group_of_a_subgroup_leaves_torchs_group_names_alone():
+    """distnorm's own group of a subgroup is made by its ranks only; the groups the
+    user makes afterwards are named alike on every rank (else gloo would hang)."""
+    run = fault_own_group_of_a_subgroup()
+    assert_bounded(run)
+    values = [run.value(rank) for rank in range(3)]
+    assert {v["name"] for v in values} == {values[0]["name"]}
+    assert all(v["sum"] == 3.0 for v in values)
+
+
+# =====================================================================================
+# Row 18: torch's own Join([ddp]) without distnorm.joinable (issue 23)
+# =====================================================================================
+def test_row18_plain_join_is_refused_on_every_rank_with_a_pointer_to_joinable():
+    run = fault_plain_join(throw=False)
+    assert_bounded(run, limit=120)  # DDP: as row 13
+    for rank in (0, 1):
+        res = run.results[rank]
+        assert res["status"] == "raised" and res["type"] == "ValueError", run.summary()
+        assert "Join([distnorm.joinable(ddp_model), ddp_model])" in res["message"]
+        assert "throw_on_early_termination=True" in res["message"]
+        assert res["elapsed"] < DEADLINE_S, res["elapsed"]
+
+
+def test_row18_plain_join_throwing_on_early_termination_keeps_torchs_behaviour():
+    run = fault_plain_join(throw=True)
+    assert_bounded(run, limit=120)  # DDP: as row 13
+    for rank in (0, 1):
+        res = run.results[rank]
+        assert res["status"] == "raised" and res["type"] == "RuntimeError", run.summary()
+        assert "exhausted" in res["message"]
+        assert res["elapsed"] < DEADLINE_S + 3, res["elapsed"]
+
+
+# =====================================================================================
+# Row 19: registry-built layers swapped by mmengine's sync_bn (issue 23)
+# =====================================================================================
+def test_row19_check_model_reports_registry_built_layers_swapped_away():
+    pytest.importorskip("mmengine")
+    pytest.importorskip("mmcv")
+    run = fault_registry_swap()
+    assert_bounded(run)
+    for rank in (0, 1):
+        value = run.value(rank)
+        assert value["before"] == (True, 2)
+        ok, swapped = value["after"]
+        assert not ok and swapped == [("0.bn", "SyncBatchNorm", "sync"),
+                                      ("1.bn", "SyncBatchNorm", "brn")], value["report"]

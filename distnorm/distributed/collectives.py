@@ -64,10 +64,15 @@ the compiler that raises them at the layer's next forward, compiled or eager; at
 CUDA-graph replays they are kept on the device for
 :func:`distnorm.check_nonfinite` (:mod:`.nonfinite`).
 
+Isolation: the guarded collectives of a group run on distnorm's own group of the
+same ranks (:mod:`~distnorm.distributed.isolation`), so that they only ever meet each
+other, never DDP's or a metric's; torch's plain ``Join([ddp])`` is refused
+(:mod:`~distnorm.distributed.ddp_join`).
+
 Uneven inputs: :mod:`distnorm.join` records each iteration's guarded collectives
 (:class:`Call`) and lets a rank that ran out of data shadow them with zero
-contributions (:func:`shadow`), on a group of its own while a ``Join`` is active
-(:func:`set_transport`), so that they never interleave with DDP's collectives.
+contributions (:func:`shadow`), on distnorm's own group (:func:`set_transport`), so
+that they never interleave with DDP's collectives.
 """
 
 from __future__ import annotations
@@ -92,6 +97,7 @@ from . import nonfinite as _nonfinite
 from ._readback import TOP_BIT as _TOP_BIT
 from ._readback import DeferredCheck as _DeferredCheck
 from ._readback import ranks_in as _ranks_in
+from . import ddp_join, isolation
 
 __all__ = ["DEBUG_ENV", "DEFAULT_TIMEOUT_S", "NONFINITE_POLICIES", "TIMEOUT_ENV", "Call",
            "InFlight", "SyncContext", "all_reduce", "resolve_timeout", "set_transport",
@@ -241,10 +247,14 @@ class _Shared:
     seq: int = 0
     # device -> float64 [seq, seq²], advanced on that device by device-side packets.
     seq_guard: Dict[torch.device, Tensor] = field(default_factory=dict)
-    # The group the collectives run on (distnorm.join swaps in a group of its own).
+    # The group the collectives run on while a Join is active (distnorm.join); None:
+    # the default, distnorm's own group of the same ranks (distributed.isolation).
     transport: Any = None
     # Calls recorded for distnorm.join (None: not recording).
     trace: Optional[List[Call]] = None
+    # The DDP module whose forward runs the group's synced layers (a weak reference,
+    # found at a header), checked for torch's Join without distnorm.joinable.
+    ddp: Any = None
     # Contexts with deferred checks in flight.
     waiting: List[SyncContext] = field(default_factory=list)
 
@@ -280,8 +290,10 @@ def _shared(group: Any) -> _Shared:
 
 def set_transport(group: Any, transport: Optional[Any]) -> None:
     """Run ``group``'s guarded collectives on ``transport`` (a group of the same
-    ranks), or on ``group`` itself again with ``None``. Counters, packet size and
-    checks stay ``group``'s. Every rank must switch at the same point."""
+    ranks), or on the default again with ``None`` (distnorm's own group of those
+    ranks, or ``group`` itself with ``DISTNORM_ISOLATE=0``: see
+    :mod:`~distnorm.distributed.isolation`). Counters, packet size and checks stay
+    ``group``'s. Every rank must switch at the same point."""
     _shared(group).transport = transport
 
 
@@ -338,8 +350,16 @@ def _failure(context: SyncContext, what: str, group: Any, error: BaseException,
 def _reduce(context: SyncContext, what: str, group: Any, shared: _Shared, packet: Tensor,
             timeout: Optional[float]) -> None:
     """Sum ``packet`` over the group in place, waiting at most ``timeout`` seconds."""
-    transport = shared.transport if shared.transport is not None else group
+    transport = shared.transport
     start = time.monotonic()
+    if transport is None:
+        try:  # distnorm's own group, made at the group's first guarded call
+            transport = isolation.transport(group, timeout)
+        except RuntimeError as error:  # a peer did not come: as for the collective itself
+            waited = time.monotonic() - start
+            cause = RuntimeError(f"making distnorm's own process group timed out ({error})"
+                                 if timeout is not None and waited >= 0.99 * timeout else error)
+            raise _failure(context, what, group, cause, timeout, waited) from error
     try:
         if timeout is None:
             dist.all_reduce(packet, op=dist.ReduceOp.SUM, group=transport)
@@ -603,6 +623,8 @@ def _guarded_all_reduce(buffer: Tensor, group: Any, context: SyncContext, what: 
                           group.group_name)
     elif nonfinite == "raise" and not _on_host(buffer):  # made now: a capture cannot
         _nonfinite.replay_flags(context.identity, context.name, group.group_name, buffer.device)
+    if what == "forward" and not capturing:
+        _refuse_plain_join(shared, state, context)
     if shared.trace is not None and not capturing:
         shared.trace.append(Call(context, what, numel, nonfinite, buffer.device, autograd))
     timeout = _deadline(context, buffer)
@@ -658,6 +680,13 @@ def _check_capturable(context: SyncContext, what: str, shared: _Shared, state: _
             "training step (forward and backward, with the shapes and settings to be "
             "captured) before capturing, as torch asks for CUDA graphs anyway. Nothing that "
             "would invalidate the capture was done.")
+def _refuse_plain_join(shared: _Shared, state: _Direction, context: SyncContext) -> None:
+    """ValueError on every rank at the first synced forward under torch's Join([ddp])
+    without distnorm.joinable (see distributed.ddp_join)."""
+    if shared.ddp is None and not state.checked:  # a header call: look for DDP once
+        shared.ddp = ddp_join.find_ddp()
+    if shared.ddp is not None and shared.transport is None:
+        ddp_join.refuse_plain_join(shared.ddp, context.name)
 
 
 def _raise_nonfinite(context: SyncContext, group: Any, bits: float) -> None:
@@ -699,7 +728,7 @@ def shadow(call: Call, group: Any) -> List[InFlight]:
     context, what, numel = call.context, call.what, call.numel
     shared = _shared(group)
     rank = dist.get_rank(group)
-    transport = shared.transport if shared.transport is not None else group
+    transport = shared.transport if shared.transport is not None else isolation.transport(group)
     state = context.direction(what)
     state.calls += 1
     issued: List[InFlight] = []

@@ -52,6 +52,8 @@ model. It takes the place of ``cfg.sync_bn`` (which accepts only ``"torch"`` and
 
 Do not also set ``cfg.sync_bn``: mmengine's ``convert_sync_batchnorm`` replaces every
 ``_BatchNorm`` subclass, distnorm's layers included, by ``torch.nn.SyncBatchNorm``.
+:func:`distnorm.check_model` reports such replaced layers: :func:`register` has
+every distnorm layer record itself in its parent module when it is placed there.
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ from typing import Any, Dict, Optional
 
 from torch import nn
 
+from ..check import record_placements
 from ..convert import convert_model
 from ..modules import (
     BatchInstanceNorm,
@@ -174,6 +177,9 @@ def register() -> Dict[str, type]:
         KeyError: one of the names is already taken by another class.
     """
     registries = _registries()
+    # Layers built from norm_cfg are recorded in their parents, so that check_model
+    # reports them when mmengine's sync_bn (convert_sync_batchnorm) replaces them.
+    record_placements()
     for name, cls in NORM_TYPES.items():
         _add(registries.MODELS, name, cls)
     _add(registries.MODELS, CYCLE_NORM_TYPE, CycleBatchNorm)

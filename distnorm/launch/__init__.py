@@ -10,10 +10,6 @@
   :func:`~distnorm.launch.local.spawn` (a function on W gloo ranks, results by rank,
   every exit code checked) and :func:`~distnorm.launch.local.run_local` (a script as
   N processes, like ``torchrun --standalone``);
-* :mod:`distnorm.launch.faults` — fault worlds: ranks that may fail, and a record of
-  how each ended (the fault tests and the fault-matrix benchmark);
-* :mod:`distnorm.launch.fault_scenarios` — the fault matrix's scenarios (what the
-  ranks do in each row), shared by the fault tests and ``benchmarks/faults.py``;
 * :mod:`distnorm.launch.hostlist` — Slurm host lists and task counts, expanded;
 * :mod:`distnorm.launch.submit` — submitting to Slurm with submitit
   (``pip install 'distnorm[slurm]'``);
@@ -26,5 +22,5 @@ script, and the optional ``submitit`` dependency is only imported when a job is
 submitted.
 """
 
-__all__ = ["cluster_bench", "env", "fault_scenarios", "faults", "hostlist", "local", "slurm",
+__all__ = ["cluster_bench", "env", "hostlist", "local", "slurm",
            "submit"]

@@ -6,15 +6,19 @@ suite (``tests/test_faults.py`` for rows 1-10, ``tests/test_reliability.py`` for
 what the scenarios return, the benchmark runs each once and tabulates it. It holds
 the models, the data of each case (``_empty_case``, ``_fp16_case``,
 ``_offset_shards``, ...), the per-rank workers (``_w_*``), the ``fault_*`` functions
-that run a row on a fresh fault world (:func:`distnorm.launch.faults.run_fault`),
+that run a row on a fresh fault world (:func:`fault_worlds.run_fault`),
 the constants the rows are parametrized by (``SYNCED``, ``BN_EQUIVALENT``,
 ``EMPTY_SIZES``, ``OFFSETS``, ``DEADLINE_S``, ...) and the references of the rows
 checked against nn.BatchNorm (:func:`join_matches_reference`,
 :func:`checkpoint_difference`).
 
+It lives beside the benchmark, not in the product package: scaffolding for the tests
+and the benchmark, imported as the top-level module ``fault_scenarios`` with
+``benchmarks/`` on ``sys.path``.
+
 The workers are module-level functions: fault worlds and the tests' worker pools
 pickle them by reference, and importing this module has the fault worlds'
-forkserver preload it (:func:`distnorm.launch.faults.preload`).
+forkserver preload it (:func:`fault_worlds.preload`).
 """
 
 from __future__ import annotations
@@ -34,10 +38,13 @@ from torch.utils.checkpoint import checkpoint
 
 import distnorm
 
-from ..errors import NonFiniteError
-from ..modules._base import BatchNormBase
-from . import faults
-from .faults import FaultRun, run_fault, start_clock
+from distnorm.errors import NonFiniteError
+from distnorm.modules._base import BatchNormBase
+
+# A sibling in benchmarks/ (on sys.path: the benchmark puts its folder there, the
+# tests too), as benchmarks/_common.py is.
+import fault_worlds as faults  # noqa: E402  (isort: after distnorm)
+from fault_worlds import CASE_TIMEOUT_S, FaultRun, run_fault, start_clock  # noqa: E402
 
 # The fault worlds' forkserver imports this module (its workers) before it forks ranks.
 faults.preload(__name__)
@@ -356,6 +363,32 @@ def _w_fp16(rank: int, world: int, mode: str, options: Dict[str, Any],
                                  "running_mean": layer.running_mean.clone(),
                                  "running_var": layer.running_var.clone()}
     return out
+
+
+def _w_fp16_long(rank: int, world: int, mode: str, options: Dict[str, Any],
+                 steps: Sequence[Tuple[int, float]]) -> Dict[str, Any]:
+    """A ``.half()`` synced layer trained for ``steps`` = [(count, std), ...]: batches
+    whose variance passes the half range (65504), then normal ones. Per step: whether
+    the running statistics and an eval output are finite, and the running variance."""
+    torch.manual_seed(0)
+    layer = distnorm.convert_model(nn.BatchNorm1d(3), mode=mode, **options).half()
+    gen = torch.Generator().manual_seed(80 + rank)
+    probe = torch.randn(4, 3, generator=gen).half()
+    history: List[Dict[str, Any]] = []
+    for count, std in steps:
+        for _ in range(count):
+            layer.train()
+            layer((torch.randn(8, 3, generator=gen) * std).half())
+            layer.eval()
+            y = layer(probe * std)
+            history.append({"var": layer.running_var.float().clone(),
+                            "finite": bool(torch.isfinite(layer.running_var).all()
+                                           and torch.isfinite(layer.running_mean).all()),
+                            "eval_finite": bool(torch.isfinite(y).all())})
+    return {"history": history}
+
+
+FP16_LONG_STEPS = [(25, 1000.0), (120, 1.0)]  # variance 1e6 (past 65504), then 1
 
 
 # -- row 9: large offsets and tiny variances -------------------------------------------
@@ -747,3 +780,101 @@ def checkpoint_difference(results: List[Dict[str, Any]]) -> float:
         worst = max([worst] + [(a.double() - b.double()).abs().max().item() for a, b in pairs])
     return worst
 
+
+
+# =====================================================================================
+# Row 17: a rank skips its synced layers and makes another collective (issue 23)
+# =====================================================================================
+def _w_eval_then_collective(rank: int, world: int, at: int, other: str, isolate: bool) -> str:
+    """Rank 1 forgets ``model.train()`` at step ``at`` (after validation, say): its
+    forward makes no synced collective, and its next collective is someone else's —
+    DDP's gradient all-reduce (``other="ddp"``) or a metric all-reduce (``"metric"``)
+    — while rank 0 waits in a synced layer."""
+    os.environ["DISTNORM_TIMEOUT"] = str(DEADLINE_S)
+    if not isolate:
+        os.environ["DISTNORM_ISOLATE"] = "0"
+    net = _net("sync")
+    model = DDP(net) if other == "ddp" else net
+    for step in range(at + 1):
+        if step == at:
+            start_clock()
+            net.train(rank == 0)
+        _step(model, rank, step)
+        if other == "metric":  # a metric all-reduce, larger than distnorm's packets
+            dist.all_reduce(torch.ones(300))
+    return "finished"
+
+
+def fault_eval_then_collective(at: int = 2, other: str = "ddp", isolate: bool = True) -> FaultRun:
+    what = "DDP's gradient all-reduce" if other == "ddp" else "a metric all-reduce"
+    shared = "" if isolate else ", DISTNORM_ISOLATE=0"
+    return run_fault(f"row 17: rank 1 in eval mode at step {at}, then {what}{shared}",
+                     _w_eval_then_collective, 2, at, other, isolate, timeout=2 * CASE_TIMEOUT_S)
+
+
+def _w_own_group_of_a_subgroup(rank: int, world: int) -> Dict[str, Any]:
+    """Ranks 0 and 1 train synced layers on a subgroup (rank 2 has none), so only they
+    make distnorm's own group of it; then every rank makes a new group of the world
+    and reduces over it: torch must name it alike on every rank (no hang)."""
+    sub = dist.new_group([0, 1])
+    if rank < 2:
+        torch.manual_seed(0)
+        model = distnorm.convert_model(Net(), process_group=sub)
+        _step(model, rank, 0)
+    start_clock()
+    everyone = dist.new_group([0, 1, 2])
+    total = torch.ones(1)
+    dist.all_reduce(total, group=everyone)
+    return {"name": everyone.group_name, "sum": float(total)}
+
+
+def fault_own_group_of_a_subgroup() -> FaultRun:
+    return run_fault("row 17: synced layers on a subgroup of ranks [0, 1], then a new world "
+                     "group", _w_own_group_of_a_subgroup, 3)
+
+
+# =====================================================================================
+# Row 18: torch's own Join([ddp]) without distnorm.joinable (issue 23)
+# =====================================================================================
+def _w_plain_join(rank: int, world: int, throw: bool) -> str:
+    os.environ["DISTNORM_TIMEOUT"] = str(DEADLINE_S)
+    model = DDP(_join_net("sync", {}))
+    start_clock()
+    with Join([model], throw_on_early_termination=throw):
+        for x, g in _join_batches((3, 1))[rank]:
+            (model(x) * g).sum().backward()
+    return "finished"
+
+
+def fault_plain_join(throw: bool = False) -> FaultRun:
+    how = ", throw_on_early_termination=True" if throw else ""
+    return run_fault(f"row 18: Join([ddp]){how} without distnorm.joinable, batches (3, 1)",
+                     _w_plain_join, 2, throw, timeout=2 * CASE_TIMEOUT_S)
+
+
+# =====================================================================================
+# Row 19: layers built through a framework registry, then swapped (issue 23)
+# =====================================================================================
+def _w_registry_swap(rank: int, world: int) -> Dict[str, Any]:
+    """mmcv's ConvModule with ``norm_cfg=dict(type="DistSyncBN")`` (after
+    ``openmmlab.register()``), then mmengine's ``convert_sync_batchnorm`` (its
+    ``sync_bn`` option): what check_model says before and after."""
+    from mmcv.cnn import ConvModule
+    from mmengine.model import convert_sync_batchnorm
+
+    from distnorm.integrations import openmmlab
+
+    openmmlab.register()
+    model = nn.Sequential(ConvModule(3, 4, 3, norm_cfg=dict(type="DistSyncBN")),
+                          ConvModule(4, 4, 3, norm_cfg=dict(type="DistBRN")))
+    before = distnorm.check_model(model)
+    start_clock()
+    after = distnorm.check_model(convert_sync_batchnorm(model))
+    return {"before": (before.ok, len(before.synced)),
+            "after": (after.ok, [(s.name, s.kind, s.mode) for s in after.swapped]),
+            "report": str(after)}
+
+
+def fault_registry_swap() -> FaultRun:
+    return run_fault("row 19: norm_cfg=dict(type='DistSyncBN'), then mmengine's "
+                     "convert_sync_batchnorm", _w_registry_swap, 2)

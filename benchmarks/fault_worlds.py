@@ -10,6 +10,9 @@ early and changes what its peers see. :func:`run_fault` returns a
 ``missing`` (a hang), the ranks left alive, and the ranks that exited on their own
 after reporting (an abort, e.g. SIGABRT at interpreter exit).
 
+Scaffolding beside the benchmark (imported as the top-level module ``fault_worlds``
+with ``benchmarks/`` on ``sys.path``), not part of the product package.
+
 Ranks are started from a ``forkserver`` that has torch and distnorm imported
 (:func:`preload` adds the modules that hold the workers), about 0.1 s per case
 instead of seconds per spawned interpreter.
@@ -32,8 +35,8 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 import torch.distributed as dist
 
-from ..errors import NonFiniteError, SyncError
-from .local import start_ranks
+from distnorm.errors import NonFiniteError, SyncError
+from distnorm.launch.local import start_ranks
 
 __all__ = ["CASE_TIMEOUT_S", "PG_TIMEOUT_S", "FaultRun", "elapsed", "preload", "run_fault", "start_clock"]
 
