@@ -680,6 +680,8 @@ def _check_capturable(context: SyncContext, what: str, shared: _Shared, state: _
             "training step (forward and backward, with the shapes and settings to be "
             "captured) before capturing, as torch asks for CUDA graphs anyway. Nothing that "
             "would invalidate the capture was done.")
+
+
 def _refuse_plain_join(shared: _Shared, state: _Direction, context: SyncContext) -> None:
     """ValueError on every rank at the first synced forward under torch's Join([ddp])
     without distnorm.joinable (see distributed.ddp_join)."""
