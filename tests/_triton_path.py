@@ -12,6 +12,9 @@ from typing import Iterator
 from distnorm import kernels
 from distnorm.distributed import collectives
 
+# Whether this process runs Triton's interpreter (set before triton was imported).
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
 
 @contextmanager
 def triton_path() -> Iterator[None]:
