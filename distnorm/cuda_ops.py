@@ -19,6 +19,7 @@ path unchanged. Triton is imported on the first call that needs it, never by
 from __future__ import annotations
 
 import os
+import struct
 from typing import Any, List, NamedTuple, Optional, Tuple
 
 import torch
@@ -162,6 +163,13 @@ def _plan(x3: Tensor) -> _Plan:
     return _Plan((P, C, Q), (programs_c, splits), n_q, n_chunks, per_split, meta)
 
 
+def _exact(value: float) -> Tuple[float, float]:
+    """``value`` as two float32 numbers whose float64 sum is ``value`` to ~1e-14
+    (the kernels' ``_exact``)."""
+    high = struct.unpack("f", struct.pack("f", value))[0]
+    return high, struct.unpack("f", struct.pack("f", value - high))[0]
+
+
 def _shape_args(plan: _Plan) -> Tuple[int, ...]:
     return plan.shape + (plan.n_q, plan.n_chunks, plan.chunks_per_split)
 
@@ -220,7 +228,7 @@ def grad_packet(grad_out: Tensor, x: Tensor, stats: Stats, eps: float, spec: Opt
     _launch(k.finish_grads_kernel, (1,), part, count, sums, mean, var,
             grad_weight if grad_weight is not None else part,
             grad_bias if grad_bias is not None else part, packet, guard, seq, channels, splits,
-            float(eps), size, *numbers, FROM_SUMS=from_sums, CT=ct,
+            *_exact(eps), size, *numbers, FROM_SUMS=from_sums, CT=ct,
             HAS_GRAD_W=grad_weight is not None, HAS_GRAD_B=grad_bias is not None,
             CHECK=spec is not None and spec.check, TAIL=spec is not None, BLOCK=_BLOCK_C)
     return packet
@@ -266,7 +274,8 @@ def normalize(x: Tensor, stats: Stats, weight: Optional[Tensor], bias: Optional[
         return y
     _launch(k.normalize_kernel, grid, x3, y3, weight if weight is not None else count,
             bias if bias is not None else count, count, sums, mean, var,
-            *(buffers or (count, count, count)), *_shape_args(plan), float(eps), momentum,
+            *(buffers or (count, count, count)), *_shape_args(plan), *_exact(eps),
+            *_exact(momentum),
             HAS_W=weight is not None, HAS_B=bias is not None, FROM_SUMS=from_sums,
             CT=_compute_dtype(x.dtype), RUNNING=running is not None,
             **(running_meta or dict(UT=k.tl.float32, CUMULATIVE=False, HAS_TRACKED=False)),
@@ -283,7 +292,7 @@ def running_update(stats: Stats, running: Running) -> None:
     buffers, meta, momentum = _running_meta(running)
     dtype = torch.float64 if not from_sums and mean.dtype == torch.float64 else torch.float32
     _launch(k.running_update_kernel, (1,), count, sums, mean, var, *buffers,
-            running.mean.numel(), momentum, FROM_SUMS=from_sums, CT=_compute_dtype(dtype),
+            running.mean.numel(), *_exact(momentum), FROM_SUMS=from_sums, CT=_compute_dtype(dtype),
             BLOCK=_BLOCK_C, **meta)
 
 
@@ -310,7 +319,7 @@ def input_grad(grad_out: Tensor, x: Tensor, stats: Stats, reduced: Tensor,
     plan = _plan(x3)
     count, sums, mean, var, from_sums = stats.pointers()
     _launch(k.input_grad_kernel, plan.grid, g3, x3, dx3, weight if weight is not None else count,
-            count, sums, mean, var, reduced, *_shape_args(plan), float(eps),
+            count, sums, mean, var, reduced, *_shape_args(plan), *_exact(eps),
             HAS_W=weight is not None, FROM_SUMS=from_sums, CT=_compute_dtype(x.dtype),
             **plan.meta)
     return dx

@@ -95,6 +95,13 @@ def _stats(ch, mask, C, count_ptr, sums_ptr, mean_ptr, var_ptr, FROM_SUMS: tl.co
 
 
 @triton.jit
+def _exact(hi, lo):
+    """A float64 number passed as two float32 arguments (``hi + lo``; Triton passes
+    Python floats as float32): momentum and eps as exact as torch's doubles."""
+    return tl.cast(hi, tl.float64) + tl.cast(lo, tl.float64)
+
+
+@triton.jit
 def _split_range(n_chunks, chunks_per_split):
     start = tl.program_id(1) * chunks_per_split
     return start, tl.minimum(start + chunks_per_split, n_chunks)
@@ -170,12 +177,12 @@ def _moment_sums(x_ptr, part_ptr, ch, mask, C, Q, splits, m):
 
 
 @triton.jit
-def _grad_sums(part_ptr, ch, mask, C, splits, count_ptr, sums_ptr, mean_ptr, var_ptr, eps,
+def _grad_sums(part_ptr, ch, mask, C, splits, count_ptr, sums_ptr, mean_ptr, var_ptr, eps, eps_lo,
                FROM_SUMS: tl.constexpr, CT: tl.constexpr):
     """``Σg`` and ``Σg·x̂`` (float64) from the partial sums."""
     sum_g, sum_gxmu = _gather(part_ptr, ch, mask, C, splits)
     _, _, var = _stats(ch, mask, C, count_ptr, sums_ptr, mean_ptr, var_ptr, FROM_SUMS, CT)
-    invstd = 1.0 / tl.sqrt(var + eps)
+    invstd = 1.0 / tl.sqrt(var + _exact(eps, eps_lo).to(CT))
     return sum_g, sum_gxmu * invstd.to(tl.float64)
 
 
@@ -260,7 +267,7 @@ def finish_moments_kernel(x_ptr, part_ptr, extra_ptr, packet_ptr, guard_ptr, seq
 
 @triton.jit(do_not_specialize=["C", "splits", "size"])
 def finish_grads_kernel(part_ptr, count_ptr, sums_ptr, mean_ptr, var_ptr, grad_w_ptr,
-                        grad_b_ptr, packet_ptr, guard_ptr, seq_ptr, C, splits, eps, size,
+                        grad_b_ptr, packet_ptr, guard_ptr, seq_ptr, C, splits, eps, eps_lo, size,
                         bit, nograd, mode, modulus, FROM_SUMS: tl.constexpr,
                         CT: tl.constexpr, HAS_GRAD_W: tl.constexpr, HAS_GRAD_B: tl.constexpr,
                         CHECK: tl.constexpr, TAIL: tl.constexpr, BLOCK: tl.constexpr):
@@ -281,14 +288,14 @@ def finish_grads_kernel(part_ptr, count_ptr, sums_ptr, mean_ptr, var_ptr, grad_w
             ch = c0 + tl.arange(0, BLOCK)
             mask = ch < C
             sum_g, sum_gxhat = _grad_sums(part_ptr, ch, mask, C, splits, count_ptr, sums_ptr,
-                                          mean_ptr, var_ptr, eps, FROM_SUMS, CT)
+                                          mean_ptr, var_ptr, eps, eps_lo, FROM_SUMS, CT)
             total += tl.where(mask, sum_g + sum_gxhat, 0.0)
         bad = _nonfinite(tl.sum(total, 0))
     for c0 in range(0, C, BLOCK):
         ch = c0 + tl.arange(0, BLOCK)
         mask = ch < C
         sum_g, sum_gxhat = _grad_sums(part_ptr, ch, mask, C, splits, count_ptr, sums_ptr,
-                                      mean_ptr, var_ptr, eps, FROM_SUMS, CT)
+                                      mean_ptr, var_ptr, eps, eps_lo, FROM_SUMS, CT)
         tl.store(packet_ptr + ch, tl.where(bad, 0.0, sum_g), mask=mask)
         tl.store(packet_ptr + C + ch, tl.where(bad, 0.0, sum_gxhat), mask=mask)
         if HAS_GRAD_W:
@@ -326,14 +333,14 @@ def pack_kernel(payload_ptr, packet_ptr, guard_ptr, seq_ptr, n, size, bit, nogra
 
 @triton.jit
 def _running_update(count_ptr, sums_ptr, mean_ptr, var_ptr, run_mean_ptr, run_var_ptr,
-                    tracked_ptr, C, momentum, FROM_SUMS: tl.constexpr, CT: tl.constexpr,
+                    tracked_ptr, C, momentum, momentum_lo, FROM_SUMS: tl.constexpr, CT: tl.constexpr,
                     UT: tl.constexpr, CUMULATIVE: tl.constexpr, HAS_TRACKED: tl.constexpr,
                     BLOCK: tl.constexpr):
     """``running ← running + f·(stat − running)``: ``f = momentum``, or ``1/tracked``
     (cumulative); unbiased variance; nothing (``tracked`` included) when count is 0."""
     count = tl.load(count_ptr).to(tl.float64)
     has_data = count > 0
-    factor = tl.where(has_data, momentum, 0.0).to(UT)
+    factor = tl.where(has_data, _exact(momentum, momentum_lo), 0.0).to(UT)
     if HAS_TRACKED:
         tracked = tl.load(tracked_ptr) + has_data.to(tl.int64)
         tl.store(tracked_ptr, tracked)
@@ -355,7 +362,7 @@ def _running_update(count_ptr, sums_ptr, mean_ptr, var_ptr, run_mean_ptr, run_va
 
 @triton.jit(do_not_specialize=["C"])
 def running_update_kernel(count_ptr, sums_ptr, mean_ptr, var_ptr, run_mean_ptr, run_var_ptr,
-                          tracked_ptr, C, momentum, FROM_SUMS: tl.constexpr, CT: tl.constexpr,
+                          tracked_ptr, C, momentum, momentum_lo, FROM_SUMS: tl.constexpr, CT: tl.constexpr,
                           UT: tl.constexpr, CUMULATIVE: tl.constexpr,
                           HAS_TRACKED: tl.constexpr, BLOCK: tl.constexpr):
     """One program: the running update alone (variants with their own moments).
@@ -366,7 +373,7 @@ def running_update_kernel(count_ptr, sums_ptr, mean_ptr, var_ptr, run_mean_ptr, 
         tracked_ptr: int64 ``num_batches_tracked``, incremented when count > 0.
     """
     _running_update(count_ptr, sums_ptr, mean_ptr, var_ptr, run_mean_ptr, run_var_ptr,
-                    tracked_ptr, C, momentum, FROM_SUMS, CT, UT, CUMULATIVE, HAS_TRACKED, BLOCK)
+                    tracked_ptr, C, momentum, momentum_lo, FROM_SUMS, CT, UT, CUMULATIVE, HAS_TRACKED, BLOCK)
 
 
 @triton.jit(do_not_specialize=["C"])
@@ -384,7 +391,8 @@ def unpack_kernel(sums_ptr, mean_ptr, var_ptr, C, CT: tl.constexpr, BLOCK: tl.co
 @triton.jit(do_not_specialize=_SHAPES)
 def normalize_kernel(x_ptr, y_ptr, w_ptr, b_ptr, count_ptr, sums_ptr, mean_ptr, var_ptr,
                      run_mean_ptr, run_var_ptr, tracked_ptr,
-                     P, C, Q, n_q, n_chunks, chunks_per_split, eps, momentum,
+                     P, C, Q, n_q, n_chunks, chunks_per_split, eps, eps_lo, momentum,
+                     momentum_lo,
                      HAS_W: tl.constexpr, HAS_B: tl.constexpr, FROM_SUMS: tl.constexpr,
                      CT: tl.constexpr, RUNNING: tl.constexpr, UT: tl.constexpr,
                      CUMULATIVE: tl.constexpr, HAS_TRACKED: tl.constexpr,
@@ -402,7 +410,7 @@ def normalize_kernel(x_ptr, y_ptr, w_ptr, b_ptr, count_ptr, sums_ptr, mean_ptr, 
     pid_c = tl.program_id(0)
     ch, ch_mask = _channels(pid_c, C, BLOCK_Q, CHANNELS_LAST)
     _, mean, var = _stats(ch, ch_mask, C, count_ptr, sums_ptr, mean_ptr, var_ptr, FROM_SUMS, CT)
-    scale = 1.0 / tl.sqrt(var + eps)
+    scale = 1.0 / tl.sqrt(var + _exact(eps, eps_lo).to(CT))
     if HAS_W:
         scale = scale * tl.load(w_ptr + ch, mask=ch_mask, other=0.0).to(CT)
     shift = tl.zeros(ch.shape, dtype=CT)
@@ -417,13 +425,13 @@ def normalize_kernel(x_ptr, y_ptr, w_ptr, b_ptr, count_ptr, sums_ptr, mean_ptr, 
     if RUNNING:
         if (pid_c == 0) & (tl.program_id(1) == 0):
             _running_update(count_ptr, sums_ptr, mean_ptr, var_ptr, run_mean_ptr, run_var_ptr,
-                            tracked_ptr, C, momentum, FROM_SUMS, CT, UT, CUMULATIVE,
+                            tracked_ptr, C, momentum, momentum_lo, FROM_SUMS, CT, UT, CUMULATIVE,
                             HAS_TRACKED, BLOCK_C)
 
 
 @triton.jit(do_not_specialize=_SHAPES)
 def input_grad_kernel(g_ptr, x_ptr, dx_ptr, w_ptr, count_ptr, sums_ptr, mean_ptr, var_ptr,
-                      reduced_ptr, P, C, Q, n_q, n_chunks, chunks_per_split, eps,
+                      reduced_ptr, P, C, Q, n_q, n_chunks, chunks_per_split, eps, eps_lo,
                       HAS_W: tl.constexpr, FROM_SUMS: tl.constexpr, CT: tl.constexpr,
                       BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr,
                       CHANNELS_LAST: tl.constexpr, WIDE: tl.constexpr):
@@ -441,7 +449,7 @@ def input_grad_kernel(g_ptr, x_ptr, dx_ptr, w_ptr, count_ptr, sums_ptr, mean_ptr
     ch, ch_mask = _channels(pid_c, C, BLOCK_Q, CHANNELS_LAST)
     count, mean, var = _stats(ch, ch_mask, C, count_ptr, sums_ptr, mean_ptr, var_ptr,
                               FROM_SUMS, CT)
-    invstd = 1.0 / tl.sqrt(var + eps)
+    invstd = 1.0 / tl.sqrt(var + _exact(eps, eps_lo).to(CT))
     scale = invstd
     if HAS_W:
         scale = scale * tl.load(w_ptr + ch, mask=ch_mask, other=0.0).to(CT)
