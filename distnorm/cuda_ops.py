@@ -10,10 +10,14 @@ after the first call of each dtype/flag combination. Workspaces are
 When they apply (:func:`applies`): CUDA tensors (or CPU tensors under Triton's
 interpreter, ``TRITON_INTERPRET=1``, when tests put ``"cpu"`` in
 ``kernels._FUSED_DEVICES``), float16/bfloat16/float32/float64, Triton importable,
-``DISTNORM_TRITON`` not ``0``, and not inside a ``torch.compile`` trace (which traces
-the layers' plain expressions). Elsewhere the callers keep their own paths, the CPU
+``DISTNORM_TRITON`` not ``0``. Elsewhere the callers keep their own paths, the CPU
 path unchanged. Triton is imported on the first call that needs it, never by
 ``import distnorm``.
+
+Inside a user's ``torch.compile`` the same kernels run as custom operators
+(``torch.ops.distnorm.*``, registered below with fake implementations and their
+mutated arguments declared): opaque to the compiler, no graph break, and CUDA graphs
+capture them. Eagerly the launchers are called directly (no dispatcher overhead).
 """
 
 from __future__ import annotations
@@ -92,7 +96,7 @@ def applies(x: Tensor) -> bool:
     device = x.device.type
     if device not in kernels._FUSED_DEVICES or x.dtype not in _DTYPES:
         return False
-    if os.environ.get(TRITON_ENV, "1") in ("", "0") or torch.compiler.is_compiling():
+    if os.environ.get(TRITON_ENV, "1") in ("", "0"):
         return False
     if device != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
         return False
@@ -179,7 +183,7 @@ def _tail_args(spec: Any) -> Tuple[Any, ...]:
             float(spec.mode), float(spec.modulus))
 
 
-def moment_packet(x: Tensor, spec: Optional[Any], extra: Optional[Tensor] = None) -> Tensor:
+def _moment_packet(x: Tensor, spec: Optional[Any], extra: Optional[Tensor] = None) -> Tensor:
     """The forward packet of ``x``: ``[m, Σx (C), Σx² (C), extra…]`` in float64, from
     sums shifted by each channel's first element; guarded and padded to
     ``spec.size`` when ``spec`` (a ``collectives.DevicePacket``) is given. Two launches.
@@ -205,7 +209,7 @@ def moment_packet(x: Tensor, spec: Optional[Any], extra: Optional[Tensor] = None
     return packet
 
 
-def grad_packet(grad_out: Tensor, x: Tensor, stats: Stats, eps: float, spec: Optional[Any],
+def _grad_packet(grad_out: Tensor, x: Tensor, stats: Stats, eps: float, spec: Optional[Any],
                 grad_weight: Optional[Tensor], grad_bias: Optional[Tensor]) -> Tensor:
     """The backward packet ``[Σg (C), Σg·x̂ (C)]`` (float64; guarded when ``spec``),
     writing the local ``grad_weight = Σg·x̂`` and ``grad_bias = Σg`` when given. Two
@@ -256,7 +260,7 @@ def _running_meta(running: Optional[Running]) -> Tuple[Tuple[Tensor, Tensor, Ten
     return (running.mean, running.var, tracked), meta, momentum
 
 
-def normalize(x: Tensor, stats: Stats, weight: Optional[Tensor], bias: Optional[Tensor],
+def _normalize(x: Tensor, stats: Stats, weight: Optional[Tensor], bias: Optional[Tensor],
               eps: float, running: Optional[Running] = None) -> Tensor:
     """``(x − μ)·invstd·w + b`` in ``x``'s dtype and layout (one launch), with the
     running update of ``running`` in the same launch."""
@@ -283,7 +287,7 @@ def normalize(x: Tensor, stats: Stats, weight: Optional[Tensor], bias: Optional[
     return y
 
 
-def running_update(stats: Stats, running: Running) -> None:
+def _running_update(stats: Stats, running: Running) -> None:
     """The running update alone, in place (one launch)."""
     if running.momentum is None and running.tracked is None:
         raise ValueError("momentum=None (a cumulative average) needs num_batches_tracked")
@@ -296,7 +300,7 @@ def running_update(stats: Stats, running: Running) -> None:
             BLOCK=_BLOCK_C, **meta)
 
 
-def unpack(sums: Tensor, channels: int, dtype: torch.dtype) -> Tuple[Tensor, Tensor, Tensor]:
+def _unpack(sums: Tensor, channels: int, dtype: torch.dtype) -> Tuple[Tensor, Tensor, Tensor]:
     """``(count, mean, var)`` from reduced sums (one launch): ``count`` a 0-dim view of
     ``sums``, mean and biased variance in ``dtype``; zeros when the count is 0."""
     k = _kernels()
@@ -307,7 +311,7 @@ def unpack(sums: Tensor, channels: int, dtype: torch.dtype) -> Tuple[Tensor, Ten
     return sums[0], mean, var
 
 
-def input_grad(grad_out: Tensor, x: Tensor, stats: Stats, reduced: Tensor,
+def _input_grad(grad_out: Tensor, x: Tensor, stats: Stats, reduced: Tensor,
                weight: Optional[Tensor], eps: float) -> Tensor:
     """``∂L/∂x = w·invstd·(g − A/M − x̂·B/M)`` from the group's ``reduced = [A, B]``
     (one launch); ``x``'s dtype and layout. ``grad_out`` has ``x``'s strides."""
@@ -323,3 +327,164 @@ def input_grad(grad_out: Tensor, x: Tensor, stats: Stats, reduced: Tensor,
             HAS_W=weight is not None, FROM_SUMS=from_sums, CT=_compute_dtype(x.dtype),
             **plan.meta)
     return dx
+
+
+# -- custom operators: what a torch.compile graph calls --------------------------------
+def _stats_of(count: Tensor, sums: Optional[Tensor], mean: Optional[Tensor],
+              var: Optional[Tensor]) -> Stats:
+    return Stats.of_sums(sums) if sums is not None else Stats(count, None, mean, var)
+
+
+def _running_of(running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                tracked: Optional[Tensor], momentum: Optional[float]) -> Optional[Running]:
+    if running_mean is None or running_var is None:
+        return None
+    return Running(running_mean, running_var, tracked, momentum)
+
+
+_STATS = "Tensor count, Tensor? sums, Tensor? mean, Tensor? var"
+
+
+def _op(name: str, schema: str, mutates: Tuple[str, ...] = ()) -> Any:
+    return torch.library.custom_op(f"distnorm::{name}", mutates_args=mutates, schema=schema)
+
+
+@_op("moment_packet", "(Tensor x, Tensor? extra) -> Tensor")
+def _moment_packet_op(x: Tensor, extra: Optional[Tensor]) -> Tensor:
+    return _moment_packet(x, None, extra)
+
+
+@_moment_packet_op.register_fake
+def _(x: Tensor, extra: Optional[Tensor]) -> Tensor:
+    extra_numel = 0 if extra is None else extra.numel()
+    return x.new_empty(2 * x.shape[1] + 1 + extra_numel, dtype=torch.float64)
+
+
+@_op("grad_packet", f"(Tensor grad_out, Tensor x, {_STATS}, float eps, Tensor(a!)? grad_weight, "
+     "Tensor(b!)? grad_bias) -> Tensor", ("grad_weight", "grad_bias"))
+def _grad_packet_op(grad_out: Tensor, x: Tensor, count: Tensor, sums: Optional[Tensor],
+                    mean: Optional[Tensor], var: Optional[Tensor], eps: float,
+                    grad_weight: Optional[Tensor], grad_bias: Optional[Tensor]) -> Tensor:
+    return _grad_packet(grad_out, x, _stats_of(count, sums, mean, var), eps, None, grad_weight,
+                        grad_bias)
+
+
+@_grad_packet_op.register_fake
+def _(grad_out: Tensor, x: Tensor, *args: Any) -> Tensor:
+    return x.new_empty(2 * x.shape[1], dtype=torch.float64)
+
+
+@_op("normalize", f"(Tensor x, {_STATS}, Tensor? weight, Tensor? bias, float eps, "
+     "Tensor(a!)? running_mean, Tensor(b!)? running_var, Tensor(c!)? tracked, "
+     "float? momentum) -> Tensor", ("running_mean", "running_var", "tracked"))
+def _normalize_op(x: Tensor, count: Tensor, sums: Optional[Tensor], mean: Optional[Tensor],
+                  var: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
+                  eps: float, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                  tracked: Optional[Tensor], momentum: Optional[float]) -> Tensor:
+    return _normalize(x, _stats_of(count, sums, mean, var), weight, bias, eps,
+                      _running_of(running_mean, running_var, tracked, momentum))
+
+
+@_normalize_op.register_fake
+def _(x: Tensor, *args: Any) -> Tensor:
+    return torch.empty_like(x)
+
+
+@_op("running_update", f"({_STATS}, Tensor(a!) running_mean, Tensor(b!) running_var, "
+     "Tensor(c!)? tracked, float? momentum) -> ()", ("running_mean", "running_var", "tracked"))
+def _running_update_op(count: Tensor, sums: Optional[Tensor], mean: Optional[Tensor],
+                       var: Optional[Tensor], running_mean: Tensor, running_var: Tensor,
+                       tracked: Optional[Tensor], momentum: Optional[float]) -> None:
+    _running_update(_stats_of(count, sums, mean, var),
+                    Running(running_mean, running_var, tracked, momentum))
+
+
+@_running_update_op.register_fake
+def _(*args: Any) -> None:
+    return None
+
+
+@_op("unpack", "(Tensor sums, int channels, ScalarType dtype) -> (Tensor, Tensor)")
+def _unpack_op(sums: Tensor, channels: int, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+    _, mean, var = _unpack(sums, channels, dtype)
+    return mean, var
+
+
+@_unpack_op.register_fake
+def _(sums: Tensor, channels: int, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+    return sums.new_empty(channels, dtype=dtype), sums.new_empty(channels, dtype=dtype)
+
+
+@_op("input_grad", f"(Tensor grad_out, Tensor x, {_STATS}, Tensor reduced, Tensor? weight, "
+     "float eps) -> Tensor")
+def _input_grad_op(grad_out: Tensor, x: Tensor, count: Tensor, sums: Optional[Tensor],
+                   mean: Optional[Tensor], var: Optional[Tensor], reduced: Tensor,
+                   weight: Optional[Tensor], eps: float) -> Tensor:
+    return _input_grad(grad_out, x, _stats_of(count, sums, mean, var), reduced, weight, eps)
+
+
+@_input_grad_op.register_fake
+def _(grad_out: Tensor, x: Tensor, *args: Any) -> Tensor:
+    return torch.empty_like(x)
+
+
+# -- the entry points: launchers eagerly, the custom operators inside torch.compile ---
+def _args(stats: Stats) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    return stats.count, stats.sums, stats.mean, stats.var
+
+
+def moment_packet(x: Tensor, spec: Optional[Any], extra: Optional[Tensor] = None) -> Tensor:
+    """The forward packet of ``x``: ``[m, Σx (C), Σx² (C), extra…]`` in float64, from
+    sums shifted by each channel's first element; guarded and padded to
+    ``spec.size`` when ``spec`` (a ``collectives.DevicePacket``) is given. Two launches.
+    """
+    if torch.compiler.is_compiling():  # the traced all-reduce packs (never a spec)
+        return torch.ops.distnorm.moment_packet(x, extra)
+    return _moment_packet(x, spec, extra)
+
+
+def grad_packet(grad_out: Tensor, x: Tensor, stats: Stats, eps: float, spec: Optional[Any],
+                grad_weight: Optional[Tensor], grad_bias: Optional[Tensor]) -> Tensor:
+    """The backward packet ``[Σg (C), Σg·x̂ (C)]`` (float64; guarded when ``spec``),
+    writing the local ``grad_weight = Σg·x̂`` and ``grad_bias = Σg`` when given. Two
+    launches (one for an empty slice). ``grad_out`` has ``x``'s strides."""
+    if torch.compiler.is_compiling():
+        return torch.ops.distnorm.grad_packet(grad_out, x, *_args(stats), eps, grad_weight,
+                                              grad_bias)
+    return _grad_packet(grad_out, x, stats, eps, spec, grad_weight, grad_bias)
+
+
+def normalize(x: Tensor, stats: Stats, weight: Optional[Tensor], bias: Optional[Tensor],
+              eps: float, running: Optional[Running] = None) -> Tensor:
+    """``(x − μ)·invstd·w + b`` in ``x``'s dtype and layout (one launch), with the
+    running update of ``running`` in the same launch."""
+    if torch.compiler.is_compiling():
+        mean, var, tracked, momentum = running if running is not None else (None,) * 4
+        return torch.ops.distnorm.normalize(x, *_args(stats), weight, bias, eps, mean, var,
+                                            tracked, momentum)
+    return _normalize(x, stats, weight, bias, eps, running)
+
+
+def running_update(stats: Stats, running: Running) -> None:
+    """The running update alone, in place (one launch)."""
+    if torch.compiler.is_compiling():
+        torch.ops.distnorm.running_update(*_args(stats), *running)
+        return
+    _running_update(stats, running)
+
+
+def unpack(sums: Tensor, channels: int, dtype: torch.dtype) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(count, mean, var)`` from reduced sums (one launch): ``count`` a 0-dim view of
+    ``sums``, mean and biased variance in ``dtype``; zeros when the count is 0."""
+    if torch.compiler.is_compiling():
+        return (sums[0],) + tuple(torch.ops.distnorm.unpack(sums, channels, dtype))
+    return _unpack(sums, channels, dtype)
+
+
+def input_grad(grad_out: Tensor, x: Tensor, stats: Stats, reduced: Tensor,
+               weight: Optional[Tensor], eps: float) -> Tensor:
+    """``∂L/∂x = w·invstd·(g − A/M − x̂·B/M)`` from the group's ``reduced = [A, B]``
+    (one launch); ``x``'s dtype and layout. ``grad_out`` has ``x``'s strides."""
+    if torch.compiler.is_compiling():
+        return torch.ops.distnorm.input_grad(grad_out, x, *_args(stats), reduced, weight, eps)
+    return _input_grad(grad_out, x, stats, reduced, weight, eps)

@@ -233,6 +233,8 @@ class _SyncBatchNorm(torch.autograd.Function):
                 context: Optional[SyncContext]) -> Tensor:
         # moment sums reduced over the group: [m, Σx, Σx²] (float64)
         sums = group_sums(x, group, context=context)
+        if torch.compiler.is_compiling():  # a view of the traced all-reduce's result:
+            sums = sums.clone()  # dynamo saves no views across the Function's graphs
         y = cuda_ops.normalize(x, Stats.of_sums(sums), weight, bias, eps, running)
         ctx.save_for_backward(x, weight, sums)
         ctx.group, ctx.context, ctx.eps = _weak(group), context, eps

@@ -220,3 +220,41 @@ def test_launches_of_a_steady_state_training_step(mode, world2):
         assert counts["other"] == [], counts
         if mode == "sync":
             assert kernels <= 6 and len(counts["collectives"]) == 2, counts
+
+
+def _w_compiled(rank: int, world: int, mode: str) -> Dict[str, Any]:
+    """The same steps eagerly and inside torch.compile(fullgraph=True): the compiled
+    graph calls the Triton kernels as custom operators (torch.ops.distnorm.*)."""
+    from distnorm import cuda_ops
+
+    out: Dict[str, Any] = {}
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = distnorm.convert_model(nn.Sequential(nn.BatchNorm2d(4)), mode=mode)
+        run = torch.compile(model, backend="aot_eager", fullgraph=True) if compiled else model
+        steps = []
+        with triton_path():
+            for step in range(2):
+                gen = torch.Generator().manual_seed(step)
+                x = (torch.randn(2 + rank, 4, 3, 3, generator=gen) * 3 + 5).requires_grad_()
+                cuda_ops.launch_log = []
+                y = run(x)
+                y.square().sum().backward()
+                steps.append((y.detach(), x.grad, list(cuda_ops.launch_log)))
+        cuda_ops.launch_log = None
+        out[str(compiled)] = (steps, {k: v.clone() for k, v in model.state_dict().items()},
+                              model[0].weight.grad)
+    return out
+
+
+@pytest.mark.parametrize("mode", ["sync", "cmbn", "brn"])
+def test_inside_torch_compile_the_kernels_are_custom_operators(mode, world2):
+    for out in world2.run(_w_compiled, mode, timeout=600):
+        (eager, eager_state, eager_grad), (compiled, state, grad) = out["False"], out["True"]
+        for (y, dx, eager_launches), (y_c, dx_c, launches) in zip(eager, compiled):
+            torch.testing.assert_close(y_c, y)
+            torch.testing.assert_close(dx_c, dx)
+            assert launches == eager_launches, (launches, eager_launches)
+        for key, value in eager_state.items():
+            torch.testing.assert_close(state[key], value)
+        torch.testing.assert_close(grad, eager_grad)
