@@ -184,10 +184,7 @@ def _tail_args(spec: Any) -> Tuple[Any, ...]:
 
 
 def _moment_packet(x: Tensor, spec: Optional[Any], extra: Optional[Tensor] = None) -> Tensor:
-    """The forward packet of ``x``: ``[m, Σx (C), Σx² (C), extra…]`` in float64, from
-    sums shifted by each channel's first element; guarded and padded to
-    ``spec.size`` when ``spec`` (a ``collectives.DevicePacket``) is given. Two launches.
-    """
+    """Launches :func:`moment_packet`."""
     k = _kernels()
     x3 = _view(x)
     plan = _plan(x3)
@@ -211,9 +208,7 @@ def _moment_packet(x: Tensor, spec: Optional[Any], extra: Optional[Tensor] = Non
 
 def _grad_packet(grad_out: Tensor, x: Tensor, stats: Stats, eps: float, spec: Optional[Any],
                 grad_weight: Optional[Tensor], grad_bias: Optional[Tensor]) -> Tensor:
-    """The backward packet ``[Σg (C), Σg·x̂ (C)]`` (float64; guarded when ``spec``),
-    writing the local ``grad_weight = Σg·x̂`` and ``grad_bias = Σg`` when given. Two
-    launches (one for an empty slice). ``grad_out`` has ``x``'s strides."""
+    """Launches :func:`grad_packet`."""
     k = _kernels()
     x3, g3 = _view(x), _view(grad_out)
     plan = _plan(x3)
@@ -262,8 +257,7 @@ def _running_meta(running: Optional[Running]) -> Tuple[Tuple[Tensor, Tensor, Ten
 
 def _normalize(x: Tensor, stats: Stats, weight: Optional[Tensor], bias: Optional[Tensor],
               eps: float, running: Optional[Running] = None) -> Tensor:
-    """``(x − μ)·invstd·w + b`` in ``x``'s dtype and layout (one launch), with the
-    running update of ``running`` in the same launch."""
+    """Launches :func:`normalize`."""
     if running is not None and running.momentum is None and running.tracked is None:
         raise ValueError("momentum=None (a cumulative average) needs num_batches_tracked")
     k = _kernels()
@@ -288,7 +282,7 @@ def _normalize(x: Tensor, stats: Stats, weight: Optional[Tensor], bias: Optional
 
 
 def _running_update(stats: Stats, running: Running) -> None:
-    """The running update alone, in place (one launch)."""
+    """Launches :func:`running_update`."""
     if running.momentum is None and running.tracked is None:
         raise ValueError("momentum=None (a cumulative average) needs num_batches_tracked")
     k = _kernels()
@@ -301,8 +295,7 @@ def _running_update(stats: Stats, running: Running) -> None:
 
 
 def _unpack(sums: Tensor, channels: int, dtype: torch.dtype) -> Tuple[Tensor, Tensor, Tensor]:
-    """``(count, mean, var)`` from reduced sums (one launch): ``count`` a 0-dim view of
-    ``sums``, mean and biased variance in ``dtype``; zeros when the count is 0."""
+    """Launches :func:`unpack`."""
     k = _kernels()
     mean = torch.empty(channels, dtype=dtype, device=sums.device)
     var = torch.empty(channels, dtype=dtype, device=sums.device)
@@ -313,8 +306,7 @@ def _unpack(sums: Tensor, channels: int, dtype: torch.dtype) -> Tuple[Tensor, Te
 
 def _input_grad(grad_out: Tensor, x: Tensor, stats: Stats, reduced: Tensor,
                weight: Optional[Tensor], eps: float) -> Tensor:
-    """``∂L/∂x = w·invstd·(g − A/M − x̂·B/M)`` from the group's ``reduced = [A, B]``
-    (one launch); ``x``'s dtype and layout. ``grad_out`` has ``x``'s strides."""
+    """Launches :func:`input_grad`."""
     k = _kernels()
     dx = torch.empty_like(x)
     if not x.numel():

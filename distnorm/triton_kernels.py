@@ -333,9 +333,9 @@ def pack_kernel(payload_ptr, packet_ptr, guard_ptr, seq_ptr, n, size, bit, nogra
 
 @triton.jit
 def _running_update(count_ptr, sums_ptr, mean_ptr, var_ptr, run_mean_ptr, run_var_ptr,
-                    tracked_ptr, C, momentum, momentum_lo, FROM_SUMS: tl.constexpr, CT: tl.constexpr,
-                    UT: tl.constexpr, CUMULATIVE: tl.constexpr, HAS_TRACKED: tl.constexpr,
-                    BLOCK: tl.constexpr):
+                    tracked_ptr, C, momentum, momentum_lo, FROM_SUMS: tl.constexpr,
+                    CT: tl.constexpr, UT: tl.constexpr, CUMULATIVE: tl.constexpr,
+                    HAS_TRACKED: tl.constexpr, BLOCK: tl.constexpr):
     """``running ← running + f·(stat − running)``: ``f = momentum``, or ``1/tracked``
     (cumulative); unbiased variance; nothing (``tracked`` included) when count is 0."""
     count = tl.load(count_ptr).to(tl.float64)
@@ -362,8 +362,8 @@ def _running_update(count_ptr, sums_ptr, mean_ptr, var_ptr, run_mean_ptr, run_va
 
 @triton.jit(do_not_specialize=["C"])
 def running_update_kernel(count_ptr, sums_ptr, mean_ptr, var_ptr, run_mean_ptr, run_var_ptr,
-                          tracked_ptr, C, momentum, momentum_lo, FROM_SUMS: tl.constexpr, CT: tl.constexpr,
-                          UT: tl.constexpr, CUMULATIVE: tl.constexpr,
+                          tracked_ptr, C, momentum, momentum_lo, FROM_SUMS: tl.constexpr,
+                          CT: tl.constexpr, UT: tl.constexpr, CUMULATIVE: tl.constexpr,
                           HAS_TRACKED: tl.constexpr, BLOCK: tl.constexpr):
     """One program: the running update alone (variants with their own moments).
 
@@ -373,7 +373,8 @@ def running_update_kernel(count_ptr, sums_ptr, mean_ptr, var_ptr, run_mean_ptr, 
         tracked_ptr: int64 ``num_batches_tracked``, incremented when count > 0.
     """
     _running_update(count_ptr, sums_ptr, mean_ptr, var_ptr, run_mean_ptr, run_var_ptr,
-                    tracked_ptr, C, momentum, momentum_lo, FROM_SUMS, CT, UT, CUMULATIVE, HAS_TRACKED, BLOCK)
+                    tracked_ptr, C, momentum, momentum_lo, FROM_SUMS, CT, UT, CUMULATIVE,
+                    HAS_TRACKED, BLOCK)
 
 
 @triton.jit(do_not_specialize=["C"])

@@ -282,3 +282,13 @@ def test_plan_splits_each_channel_over_several_programs():
     assert plan.grid[0] == 1 and plan.grid[1] >= 2
     assert plan.chunks_per_split * plan.grid[1] >= plan.n_chunks
 
+
+
+@needs_interpreter
+@pytest.mark.usefixtures("_interpreted")
+def test_distnorm_triton_0_turns_the_kernels_off(monkeypatch):
+    x = torch.zeros(2, 3)
+    assert cuda_ops.applies(x)
+    monkeypatch.setenv(cuda_ops.TRITON_ENV, "0")
+    assert not cuda_ops.applies(x)
+    assert not cuda_ops.applies(x.to(torch.int64))
