@@ -134,7 +134,8 @@ class _BatchNormWithMoments(torch.autograd.Function):
     group and M the count the moments were taken over,
     ∂L/∂x = w/σ̂ · (g − A/M − x̂·B/M); ∂L/∂w = local Σg·x̂; ∂L/∂b = local Σg.
     Saved for backward: x, the weight, the mean, variance and invstd (C-sized) and
-    the count.
+    the count. On CUDA (:func:`distnorm.cuda_ops.applies`) one Triton launch forward
+    and three backward (:func:`_triton_backward`).
     """
 
     @staticmethod
@@ -157,7 +158,6 @@ class _BatchNormWithMoments(torch.autograd.Function):
                              0.0, eps, torch.backends.cudnn.enabled)
         invstd = torch.rsqrt(var + eps)
         ctx.save_for_backward(x, weight, mean, var, invstd, count)
-        ctx.group, ctx.context, ctx.eps = _weak(group), context, eps
         return y
 
     @staticmethod

@@ -6,7 +6,8 @@ combines them across ranks, and its guards, live in
 
 * Local moments are exact: the mean to float64 precision, the variance centred —
   one compiled pass of sums shifted by a sample of each channel and accumulated in
-  float64 (:mod:`distnorm.kernels`: on CPU above a size, on CUDA always), else a
+  float64 (:mod:`distnorm.kernels`: on CPU above a size; on CUDA the Triton kernels
+  of :mod:`distnorm.cuda_ops`, which also write the guarded packet), else a
   residual two-pass (accumulated in float32 at least).
 * Across ranks they travel as count-weighted *sums* in float64,
   ``[m, m·μ, M2 + m·μ²]`` (2C + 1 numbers), so that a batch whose mean is 1e4
