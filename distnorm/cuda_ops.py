@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from . import kernels
+from ._packing import packed_size, unpack_sums
 
 __all__ = ["TRITON_ENV", "Running", "Stats", "applies", "grad_packet", "input_grad",
            "moment_packet", "normalize", "pack", "running_update", "unpack"]
@@ -196,7 +197,7 @@ def _moment_packet(x: Tensor, spec: Optional[Any], extra: Optional[Tensor] = Non
                 *_shape_args(plan), GRAD=False, FROM_SUMS=False, CT=k.tl.float64, **plan.meta)
     n_extra = 0 if extra is None else extra.numel()
     extra = part if extra is None else extra.to(torch.float64).reshape(-1)
-    size = spec.size if spec is not None else 2 * channels + 1 + n_extra
+    size = spec.size if spec is not None else packed_size(channels) + n_extra
     packet = torch.empty(size, dtype=torch.float64, device=x.device)
     tail = _tail_args(spec) if spec is not None else (packet, packet, size, 0.0, 0.0, 0.0, 1.0)
     guard, seq, size, *numbers = tail
@@ -301,7 +302,7 @@ def _unpack(sums: Tensor, channels: int, dtype: torch.dtype) -> Tuple[Tensor, Te
     var = torch.empty(channels, dtype=dtype, device=sums.device)
     _launch(k.unpack_kernel, (1,), sums, mean, var, channels, CT=_compute_dtype(dtype),
             BLOCK=_BLOCK_C)
-    return sums[0], mean, var
+    return unpack_sums(sums, channels)[0], mean, var
 
 
 def _input_grad(grad_out: Tensor, x: Tensor, stats: Stats, reduced: Tensor,
@@ -349,7 +350,7 @@ def _moment_packet_op(x: Tensor, extra: Optional[Tensor]) -> Tensor:
 @_moment_packet_op.register_fake
 def _(x: Tensor, extra: Optional[Tensor]) -> Tensor:
     extra_numel = 0 if extra is None else extra.numel()
-    return x.new_empty(2 * x.shape[1] + 1 + extra_numel, dtype=torch.float64)
+    return x.new_empty(packed_size(x.shape[1]) + extra_numel, dtype=torch.float64)
 
 
 @_op("grad_packet", f"(Tensor grad_out, Tensor x, {_STATS}, float eps, Tensor(a!)? grad_weight, "
@@ -469,7 +470,8 @@ def unpack(sums: Tensor, channels: int, dtype: torch.dtype) -> Tuple[Tensor, Ten
     """``(count, mean, var)`` from reduced sums (one launch): ``count`` a 0-dim view of
     ``sums``, mean and biased variance in ``dtype``; zeros when the count is 0."""
     if torch.compiler.is_compiling():
-        return (sums[0],) + tuple(torch.ops.distnorm.unpack(sums, channels, dtype))
+        mean, var = torch.ops.distnorm.unpack(sums, channels, dtype)
+        return unpack_sums(sums, channels)[0], mean, var
     return _unpack(sums, channels, dtype)
 
 
