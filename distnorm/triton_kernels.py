@@ -203,12 +203,15 @@ def _write_tail(packet_ptr, guard_ptr, seq_ptr, end, size, bad, bit, nograd, mod
     call = tl.where(call >= modulus, call - modulus, call)
     seq = tl.load(seq_ptr) + 1.0
     seq = tl.where(seq >= modulus, seq - modulus, seq)
+    tag = tl.load(guard_ptr)
+    tag_sq = tl.load(guard_ptr + 1)
+    # Every thread of the program has read the counters before any writes them back
+    # (scalars are loaded by all threads; a warp ahead must not advance them twice).
+    tl.debug_barrier()
     tl.store(guard_ptr + 2, call)
     tl.store(guard_ptr + 3, call * call)
     tl.store(seq_ptr, seq)
     tl.store(seq_ptr + 1, seq * seq)
-    tag = tl.load(guard_ptr)
-    tag_sq = tl.load(guard_ptr + 1)
     flag = tl.where(bad, bit, 0.0)
     lane = tl.arange(0, 16)
     value = tl.where(lane == 0, flag, tl.where(lane == 1, nograd, 0.0)).to(tl.float64)
@@ -343,6 +346,7 @@ def _running_update(count_ptr, sums_ptr, mean_ptr, var_ptr, run_mean_ptr, run_va
     factor = tl.where(has_data, _exact(momentum, momentum_lo), 0.0).to(UT)
     if HAS_TRACKED:
         tracked = tl.load(tracked_ptr) + has_data.to(tl.int64)
+        tl.debug_barrier()  # read by every thread before it is written (as above)
         tl.store(tracked_ptr, tracked)
         if CUMULATIVE:
             factor = tl.where(has_data, 1.0 / tl.maximum(tracked, 1).to(tl.float64), 0.0).to(UT)
