@@ -107,6 +107,12 @@ def applies(x: Tensor) -> bool:
 def _launch(kernel: Any, grid: Tuple[int, ...], *args: Any, **meta: Any) -> None:
     if launch_log is not None:
         launch_log.append(kernel.__name__ if hasattr(kernel, "__name__") else str(kernel))
+    device = args[0].device
+    if device.type == "cuda" and device.index != torch.cuda.current_device():
+        # Triton launches on the current device's current stream: make it the tensors'
+        with torch.cuda.device(device):
+            kernel[grid](*args, **meta)
+        return
     kernel[grid](*args, **meta)
 
 
