@@ -24,12 +24,14 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
-from . import kernels
-from .distributed.collectives import SyncContext, all_reduce
+from . import cuda_ops, kernels
+from .cuda_ops import Running, Stats
+from .distributed.collectives import SyncContext, Written, all_reduce
 from .errors import SyncError
-from .stats import Moments, group_moments, stats_dtype
+from .stats import Moments, group_moments, group_sums, stats_dtype
 
-__all__ = ["batch_norm_with_moments", "group_moments_with_grad", "update_running_stats"]
+__all__ = ["batch_norm_with_moments", "group_moments_with_grad", "sync_batch_norm",
+           "update_running_stats"]
 
 
 def _weak(group: Optional[Any]) -> Optional[Callable[[], Any]]:
@@ -132,7 +134,8 @@ class _BatchNormWithMoments(torch.autograd.Function):
     group and M the count the moments were taken over,
     ∂L/∂x = w/σ̂ · (g − A/M − x̂·B/M); ∂L/∂w = local Σg·x̂; ∂L/∂b = local Σg.
     Saved for backward: x, the weight, the mean, variance and invstd (C-sized) and
-    the count.
+    the count. On CUDA (:func:`distnorm.cuda_ops.applies`) one Triton launch forward
+    and three backward (:func:`_triton_backward`).
     """
 
     @staticmethod
@@ -141,6 +144,11 @@ class _BatchNormWithMoments(torch.autograd.Function):
                 group: Optional[Any], context: Optional[SyncContext]) -> Tensor:
         dtype = stats_dtype(x)
         mean, var = mean.to(dtype), var.to(dtype)
+        ctx.group, ctx.context, ctx.eps = _weak(group), context, eps
+        ctx.triton = cuda_ops.applies(x)
+        if ctx.triton:  # one launch; backward: three and one all-reduce
+            ctx.save_for_backward(x, weight, mean, var, count)
+            return cuda_ops.normalize(x, Stats(count, None, mean, var), weight, bias, eps)
         # Eval-mode native kernel with the group moments as "running" statistics:
         # one fused pass, any layout (channels_last is preserved). Parameters and
         # statistics in float32 (float64 for float64 inputs) whatever their own
@@ -150,11 +158,14 @@ class _BatchNormWithMoments(torch.autograd.Function):
                              0.0, eps, torch.backends.cudnn.enabled)
         invstd = torch.rsqrt(var + eps)
         ctx.save_for_backward(x, weight, mean, var, invstd, count)
-        ctx.group, ctx.context, ctx.eps = _weak(group), context, eps
         return y
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+        if ctx.triton:
+            x, weight, mean, var, count = ctx.saved_tensors
+            return _triton_backward(ctx, grad_out, x, weight, Stats(count, None, mean, var)) \
+                + (None,) * 6
         x, weight, mean, var, invstd, count = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         channels = x.shape[1]
@@ -180,6 +191,78 @@ class _BatchNormWithMoments(torch.autograd.Function):
         grad_w = sum_gxhat.to(weight.dtype) if need_w and weight is not None else None
         grad_b = sum_g.to(weight.dtype if weight is not None else sum_g.dtype) if need_b else None
         return grad_x, grad_w, grad_b, None, None, None, None, None, None
+
+
+def _triton_backward(ctx: Any, grad_out: Tensor, x: Tensor, weight: Optional[Tensor],
+                     stats: Stats) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """``(∂L/∂x, ∂L/∂w, ∂L/∂b)`` in three Triton launches and one all-reduce: partial
+    sums, the guarded packet ``[Σg, Σg·x̂]`` with the local parameter gradients, and
+    the input gradient from the reduced packet (docs/algorithms.md §1)."""
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    channels = x.shape[1]
+    if grad_out.stride() != x.stride():  # the kernels read both in x's layout
+        grad_out = torch.empty_like(x).copy_(grad_out)
+    stats_type = stats.mean.dtype if stats.mean is not None else stats_dtype(x)
+    grad_w = (torch.empty(channels, dtype=weight.dtype, device=x.device)
+              if need_w and weight is not None else None)
+    grad_b = (torch.empty(channels, dtype=weight.dtype if weight is not None else stats_type,
+                          device=x.device) if need_b else None)
+
+    def write(spec: Any) -> Tensor:
+        return cuda_ops.grad_packet(grad_out, x, stats, ctx.eps, spec, grad_w, grad_b)
+
+    grad_x = None
+    if need_x:
+        sums = all_reduce(Written(2 * channels, x.device, write), _strong(ctx.group),
+                          ctx.context, "backward", _backward_policy(ctx.context))
+        grad_x = cuda_ops.input_grad(grad_out, x, stats, sums, weight, ctx.eps)
+    elif grad_w is not None or grad_b is not None:
+        write(None)
+    return grad_x, grad_w, grad_b
+
+
+class _SyncBatchNorm(torch.autograd.Function):
+    """A synced BatchNorm in Triton launches (:mod:`distnorm.cuda_ops`): forward two
+    launches, the all-reduce of the guarded moment sums, one launch that normalizes
+    and updates the running statistics; backward :func:`_triton_backward`. Saved for
+    backward: x, the weight and the reduced sums (2C + 1 float64 numbers)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],  # type: ignore[override]
+                running: Optional[Running], eps: float, group: Optional[Any],
+                context: Optional[SyncContext]) -> Tensor:
+        # moment sums reduced over the group: [m, Σx, Σx²] (float64)
+        sums = group_sums(x, group, context=context)
+        if torch.compiler.is_compiling():  # a view of the traced all-reduce's result:
+            sums = sums.clone()  # dynamo saves no views across the Function's graphs
+        y = cuda_ops.normalize(x, Stats.of_sums(sums), weight, bias, eps, running)
+        ctx.save_for_backward(x, weight, sums)
+        ctx.group, ctx.context, ctx.eps = _weak(group), context, eps
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+        x, weight, sums = ctx.saved_tensors
+        return _triton_backward(ctx, grad_out, x, weight, Stats.of_sums(sums)) + (None,) * 4
+
+
+def sync_batch_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                    running: Optional[Running], eps: float, group: Optional[Any], *,
+                    context: Optional[SyncContext] = None) -> Tensor:
+    """A training-mode BatchNorm over ``group``, differentiable: group moments, running
+    update (``running``, or ``None``) and normalization.
+
+    Where :func:`distnorm.cuda_ops.applies` (CUDA), six Triton launches and two
+    all-reduces per training step; elsewhere :func:`distnorm.stats.group_moments`,
+    :func:`update_running_stats` and :func:`batch_norm_with_moments`.
+    """
+    if cuda_ops.applies(x):
+        return _SyncBatchNorm.apply(x, weight, bias, running, eps, group, context)
+    moments = group_moments(x, group, context=context)
+    if running is not None:
+        update_running_stats(running.mean, running.var, running.tracked, moments,
+                             running.momentum)
+    return batch_norm_with_moments(x, moments, weight, bias, eps, group, context=context)
 
 
 def batch_norm_with_moments(x: Tensor, moments: Moments, weight: Optional[Tensor],
@@ -263,6 +346,11 @@ def update_running_stats(running_mean: Tensor, running_var: Tensor,
     if momentum is None and num_batches_tracked is None:
         raise ValueError("momentum=None (a cumulative average) needs num_batches_tracked")
     with torch.no_grad():
+        if cuda_ops.applies(running_mean):  # one Triton launch
+            cuda_ops.running_update(Stats(moments.count, None, moments.mean, moments.var),
+                                    Running(running_mean, running_var, num_batches_tracked,
+                                            momentum))
+            return
         kernels.fused(_update_running_stats, running_mean, running_var, num_batches_tracked,
                       moments.count, moments.mean, moments.var, momentum)
 

@@ -23,6 +23,9 @@ more often than a local ``nn.BatchNorm`` does:
   and running update, the backward's coefficients) as one compiled call, on CUDA
   only: there every eager op is a kernel launch and host time.
 
+On CUDA the hand-written Triton kernels of :mod:`distnorm.cuda_ops` take precedence;
+these compiled kernels serve there only without Triton or with ``DISTNORM_TRITON=0``.
+
 When they apply: float32 / float16 / bfloat16 tensors, contiguous or channels_last,
 in eager mode (inside a user's ``torch.compile`` the callers' plain expressions are
 traced into the user's graph instead); on CPU with at least :data:`MIN_NUMEL`

@@ -6,7 +6,8 @@ combines them across ranks, and its guards, live in
 
 * Local moments are exact: the mean to float64 precision, the variance centred —
   one compiled pass of sums shifted by a sample of each channel and accumulated in
-  float64 (:mod:`distnorm.kernels`: on CPU above a size, on CUDA always), else a
+  float64 (:mod:`distnorm.kernels`: on CPU above a size; on CUDA the Triton kernels
+  of :mod:`distnorm.cuda_ops`, which also write the guarded packet), else a
   residual two-pass (accumulated in float32 at least).
 * Across ranks they travel as count-weighted *sums* in float64,
   ``[m, m·μ, M2 + m·μ²]`` (2C + 1 numbers), so that a batch whose mean is 1e4
@@ -25,9 +26,9 @@ from typing import Any, NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from . import kernels
-from ._packing import pack_sums, unpack_sums
-from .distributed.collectives import SyncContext, all_reduce
+from . import cuda_ops, kernels
+from ._packing import pack_sums, packed_size, unpack_sums
+from .distributed.collectives import SyncContext, Written, all_reduce
 
 __all__ = [
     "Moments",
@@ -157,6 +158,8 @@ def moments_from_sums(sums: Tensor, dtype: torch.dtype = torch.float32) -> Momen
     The subtraction ``Q/M − μ²`` is done in float64; ``count == 0`` (an empty batch
     over the whole group) gives zero mean and variance, decided on the device.
     """
+    if cuda_ops.applies(sums):  # one Triton launch on CUDA
+        return Moments(*cuda_ops.unpack(sums, (sums.numel() - 1) // 2, dtype))
     return Moments(*kernels.fused(_unpack, sums, dtype))
 
 
@@ -190,6 +193,14 @@ def group_sums(x: Tensor, group: Optional[Any], *, context: Optional[SyncContext
         float64 ``[m, Σx (C), Σx² (C), extra...]`` summed over the group.
     """
     with torch.no_grad():
+        if cuda_ops.applies(x) and x.dim() >= 2:
+            # On CUDA two Triton launches write the whole guarded packet
+            # (distnorm.cuda_ops.moment_packet).
+            numel = packed_size(x.shape[1]) + (0 if extra is None else extra.numel())
+            payload = Written(numel, x.device,
+                              lambda spec: cuda_ops.moment_packet(x, spec, extra))
+            return all_reduce(payload, group, context, "forward",
+                              context.nonfinite if context is not None else None)
         sums = moment_sums(x)
         if extra is not None:
             sums = torch.cat([sums, extra.to(torch.float64).flatten()])

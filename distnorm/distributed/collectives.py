@@ -90,7 +90,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .. import kernels
+from .. import cuda_ops, kernels
 from .._compat import functional_collectives
 from ..errors import NonFiniteError, SyncError
 from . import nonfinite as _nonfinite
@@ -100,7 +100,7 @@ from ._readback import ranks_in as _ranks_in
 from . import ddp_join, isolation
 
 __all__ = ["DEBUG_ENV", "DEFAULT_TIMEOUT_S", "NONFINITE_POLICIES", "TIMEOUT_ENV", "Call",
-           "InFlight", "SyncContext", "all_reduce", "resolve_timeout", "set_transport",
+           "DevicePacket", "InFlight", "Written", "SyncContext", "all_reduce", "resolve_timeout", "set_transport",
            "shadow", "start_recording", "stop_recording"]
 
 DEBUG_ENV = "DISTNORM_DEBUG"
@@ -431,12 +431,55 @@ def _pack_on_device(payload: Tensor, guard: Tensor, bit: float, check: bool,
     return torch.cat(parts)
 
 
-def _pack(payload: Tensor, shared: _Shared, state: _Direction, rank: int, check: bool,
+class DevicePacket(NamedTuple):
+    """What a device kernel needs to write a guarded packet in one launch: the
+    payload, zeros up to ``size``, then this module's tail (:data:`_TAIL` numbers:
+    ``[non-finite flag, nograd, 0, tag, tag², mode, mode², call, call², seq, seq²]``,
+    the flag ``bit`` when ``check`` finds the payload non-finite, which then goes
+    as zeros), advancing ``guard[2:]`` (``[call, call²]``) and ``seq`` modulo
+    ``modulus`` in place, as :func:`_pack_on_device` does."""
+
+    size: int
+    guard: Tensor  # float64 [tag, tag², call, call²] on the device
+    seq: Tensor  # float64 [seq, seq²] on the device
+    bit: float
+    check: bool
+    nograd: float
+    mode: float
+    modulus: int
+
+
+class Written:
+    """A float64 payload that a device kernel writes straight into its guarded
+    packet (one launch fewer than packing a finished payload), for :func:`all_reduce`.
+
+    ``write(spec)`` returns the whole packet for a :class:`DevicePacket`, or the
+    plain ``numel``-long payload for ``None`` (no group, no guard, on the host).
+    """
+
+    dtype = torch.float64
+
+    def __init__(self, numel: int, device: torch.device,
+                 write: Callable[[Optional[DevicePacket]], Tensor]) -> None:
+        self._numel, self.device, self.write = numel, device, write
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def numel(self) -> int:
+        return self._numel
+
+
+def _pack(payload: Any, shared: _Shared, state: _Direction, rank: int, check: bool,
           autograd: bool) -> Tensor:
-    """The packet of a payload (float64), padded to the group's packet size."""
+    """The packet of a payload (float64, or :class:`Written`), padded to the group's
+    packet size."""
     bit = _bit(rank)
     nograd = 0.0 if autograd else bit
     pad = shared.size - payload.numel() - _TAIL
+    if isinstance(payload, Written) and _on_host(payload):
+        payload = payload.write(None)
     if _on_host(payload):
         flag = 0.0
         if check and not math.isfinite(payload.sum().item()):
@@ -461,6 +504,10 @@ def _pack(payload: Tensor, shared: _Shared, state: _Direction, rank: int, check:
         seq = (shared.seq - 1) % _MOD
         seq_guard = shared.seq_guard[device] = torch.tensor(
             [seq, seq * seq], dtype=torch.float64).to(device)
+    if isinstance(payload, Written) or cuda_ops.applies(payload):
+        spec = DevicePacket(shared.size, guard, seq_guard, bit, check, nograd,
+                            0.0 if autograd else 1.0, _MOD)
+        return payload.write(spec) if isinstance(payload, Written) else cuda_ops.pack(payload, spec)
     return kernels.fused(_pack_on_device, payload, guard, bit, check, seq_guard, pad, nograd)
 
 
@@ -572,6 +619,9 @@ def all_reduce(buffer: Tensor, group: Optional[Any], context: Optional[SyncConte
     layer's next forward; after CUDA-graph replays from
     :func:`distnorm.check_nonfinite`).
     """
+    if isinstance(buffer, Written) and (group is None or context is None or _on_host(buffer)
+                                        or torch.compiler.is_compiling()):
+        buffer = buffer.write(None)  # the plain payload: packed (if at all) as any other
     if group is None:
         return buffer
     if torch.compiler.is_compiling():
@@ -637,8 +687,8 @@ def _guarded_all_reduce(buffer: Tensor, group: Any, context: SyncContext, what: 
         _check_header(context, what, group, shared, rank, mine, packet)
         state.checked = True
     shared.seq += 1
-    packed = _pack(buffer.to(torch.float64), shared, state, rank, nonfinite is not None,
-                   autograd)
+    payload = buffer if isinstance(buffer, Written) else buffer.to(torch.float64)
+    packed = _pack(payload, shared, state, rank, nonfinite is not None, autograd)
     _reduce(context, what, group, shared, packed, timeout)
     verify = _tail_verifier(context, what, group, shared.world, nonfinite)
     tail = packed[-_TAIL:]

@@ -17,10 +17,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ..cuda_ops import Running
 from ..distributed import resolve_group
 from ..distributed.collectives import NONFINITE_POLICIES, SyncContext
 from ..errors import layer_name
-from ..functional import batch_norm_with_moments, update_running_stats
+from ..functional import batch_norm_with_moments, sync_batch_norm, update_running_stats
 from ..stats import Moments, group_moments
 from ._rank_state import RankStateMixin
 
@@ -154,10 +155,10 @@ class BatchNormBase(RankStateMixin, _BatchNorm):
         if group is None:
             return _BatchNorm.forward(self, input)
         context = self._sync_context()
-        moments = group_moments(input, group, context=context)
-        self._update_running_stats(moments)
-        return batch_norm_with_moments(input, moments, self.weight, self.bias, self.eps, group,
-                                       context=context)
+        running = (Running(self.running_mean, self.running_var, self.num_batches_tracked,
+                           self.momentum) if self._tracks() else None)
+        return sync_batch_norm(input, self.weight, self.bias, running, self.eps, group,
+                               context=context)
 
     def _sync_context(self) -> SyncContext:
         """This layer's :class:`~distnorm.distributed.collectives.SyncContext`, refreshed

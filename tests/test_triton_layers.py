@@ -1,0 +1,303 @@
+"""Whole synced layers on the Triton device path (CUDA's code, run on CPU by Triton's
+interpreter with the device guard forced) over real gloo ranks with uneven and empty
+shards, against nn.BatchNorm on the concatenated batch (SyncBatchNorm) and against
+the CPU path (the variants that share the kernels); and the launch count of a
+steady-state training step of each synced variant.
+
+Run by tests/test_triton_kernels.py::test_triton_path_in_the_interpreter in a child
+pytest with ``TRITON_INTERPRET=1`` (the interpreter must be chosen before triton is
+imported).
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Any, Dict, List
+
+import pytest
+import torch
+from torch import nn
+
+import distnorm
+from tests._triton_path import INTERPRETED, triton_path
+
+pytestmark = pytest.mark.skipif(not INTERPRETED, reason="run by "
+                                "test_triton_path_in_the_interpreter in a child process")
+
+SIZES = [3, 0, 2]  # uneven, one empty rank (world3)
+STEPS = 2  # the second runs the first one's deferred guard checks
+CASES = {  # name: (input shape after N, channels_last, dtype, .half() model)
+    "nchw": ((4, 5, 5), False, torch.float32, False),
+    "channels_last": ((4, 3, 5), True, torch.float32, False),
+    "1d": ((4,), False, torch.float64, False),
+    "ncl": ((4, 7), False, torch.bfloat16, False),
+    "3d": ((4, 2, 3, 3), True, torch.float32, False),
+    "half_model": ((4, 3, 3), False, torch.float16, True),
+}
+
+
+def _shards(step: int, case: str) -> List[torch.Tensor]:
+    rest, channels_last, dtype, _ = CASES[case]
+    gen = torch.Generator().manual_seed(step)
+    shards = []
+    for n in SIZES:
+        x = (torch.randn((n,) + rest, generator=gen, dtype=torch.float64) * 3 + 10).to(dtype)
+        if channels_last:
+            x = x.movedim(1, -1).contiguous().movedim(-1, 1)
+        shards.append(x)
+    return shards
+
+
+def _bn(case: str) -> nn.Module:
+    rest, _, _, half = CASES[case]
+    bn = {1: nn.BatchNorm1d, 2: nn.BatchNorm1d, 3: nn.BatchNorm2d, 4: nn.BatchNorm3d}[len(rest)](4)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-1, 1)
+    if CASES[case][2] == torch.float64:
+        return bn.double()
+    return bn.half() if half else bn
+
+
+def _loss_weights(x: torch.Tensor) -> torch.Tensor:
+    return torch.arange(1.0, 5.0, dtype=torch.float64).view((1, 4) + (1,) * (x.dim() - 2))
+
+
+def _w_steps(rank: int, world: int, mode: str, case: str, triton: bool) -> Dict[str, Any]:
+    layer = distnorm.convert_model(_bn(case), mode=mode)
+    out: Dict[str, Any] = {"y": [], "dx": []}
+    with triton_path() if triton else nullcontext():
+        for step in range(STEPS):  # the deferred checks of step k run at step k + 1
+            x = _shards(step, case)[rank].requires_grad_()
+            y = layer(x)
+            (y.double() * _loss_weights(x)).sum().backward()
+            out["y"].append(y.detach())
+            out["dx"].append(x.grad)
+    out.update({k: v.detach().clone() for k, v in layer.state_dict().items()
+                if v.is_floating_point()})
+    out.update(weight_grad=layer.weight.grad, bias_grad=layer.bias.grad)
+    return out
+
+
+def _tolerance(case: str) -> Dict[str, float]:
+    dtype = CASES[case][2]
+    if dtype == torch.float64:
+        return dict(rtol=1e-9, atol=1e-9)
+    if dtype == torch.float32:
+        return dict(rtol=1e-4, atol=1e-4)
+    return dict(rtol=2e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_sync_batch_norm_matches_batch_norm_of_the_concatenated_batch(case, world3):
+    """SyncBatchNorm on the Triton path: outputs, input gradients, summed parameter
+    gradients and running statistics equal nn.BatchNorm's on the whole batch."""
+    results = world3.run(_w_steps, "sync", case, True)
+    ref = _bn(case)
+    tol = _tolerance(case)
+    for step in range(STEPS):
+        shards = _shards(step, case)
+        x = torch.cat(shards).detach().requires_grad_()
+        y = ref(x)
+        (y.double() * _loss_weights(x)).sum().backward()
+        for rank, (ys, dxs) in enumerate(zip(y.split(SIZES), x.grad.split(SIZES))):
+            got = results[rank]
+            assert got["y"][step].dtype == ys.dtype
+            assert got["y"][step].stride() == shards[rank].stride() or not ys.numel()
+            torch.testing.assert_close(got["y"][step].double(), ys.double(), **tol)
+            torch.testing.assert_close(got["dx"][step].double(), dxs.double(), **tol)
+    for key in ("running_mean", "running_var"):
+        for rank in range(3):
+            torch.testing.assert_close(results[rank][key].double(),
+                                       getattr(ref, key).double(), **tol)
+    for key, want in (("weight_grad", ref.weight.grad), ("bias_grad", ref.bias.grad)):
+        got = sum(r[key].double() for r in results)
+        assert results[0][key].dtype == want.dtype
+        torch.testing.assert_close(got, want.double(), rtol=tol["rtol"] * 10,
+                                   atol=tol["atol"] * 10)
+
+
+@pytest.mark.parametrize("mode,case", [("brn", "nchw"), ("cmbn", "channels_last"),
+                                       ("cbn", "nchw"), ("bin", "channels_last"),
+                                       ("switchable", "nchw")])
+def test_variants_on_the_triton_path_match_their_cpu_path(mode, case, world3):
+    """The variants that share the kernels give, on the Triton path, what their CPU
+    path gives (itself tested against its oracles), empty rank included."""
+    triton = world3.run(_w_steps, mode, case, True)
+    plain = world3.run(_w_steps, mode, case, False)
+    for rank in range(3):
+        for key in ("y", "dx"):
+            for a, b in zip(triton[rank][key], plain[rank][key]):
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        for key, value in plain[rank].items():
+            if key not in ("y", "dx") and value is not None:
+                torch.testing.assert_close(triton[rank][key], value, rtol=1e-4, atol=1e-4,
+                                           msg=f"{mode} rank {rank}: {key}")
+
+
+# ATen ops that launch nothing on a device (metadata, allocation, views).
+_NO_LAUNCH = ("empty", "new_empty", "view", "_unsafe_view", "slice", "select", "as_strided", "detach",
+              "alias", "unsqueeze", "squeeze", "expand", "permute", "transpose", "t.",
+              "_reshape_alias", "split", "unbind", "movedim", "lift_fresh", "set_")
+_HOST_READS = ("_local_scalar_dense", "item", "is_nonzero", "nonzero", "equal")
+
+
+def _w_launches(rank: int, world: int, mode: str) -> Dict[str, List[str]]:
+    """Every Triton launch, every device-launching ATen op, every collective and every
+    host read of a steady-state training step (forward + backward) of one synced
+    layer on the Triton path, its deferred guard checks (an asynchronous copy of 11
+    numbers to pinned memory on CUDA) counted apart."""
+    from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+
+    from distnorm import cuda_ops
+    from distnorm.distributed import collectives
+
+    class Record(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops: List[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    tail_copies: List[int] = []
+    original = collectives._DeferredCheck.__init__
+
+    def deferred(self: Any, tail: torch.Tensor, check: Any) -> None:
+        tail_copies.append(tail.numel())
+        with _disable_current_modes():
+            original(self, tail, check)
+
+    launch = cuda_ops._launch
+
+    def interpreted_launch(*args: Any, **meta: Any) -> None:
+        with _disable_current_modes():  # the interpreter's own copies of the arguments
+            launch(*args, **meta)
+
+    layer = distnorm.convert_model(nn.Sequential(nn.BatchNorm2d(4)), mode=mode)[0]
+    collectives._DeferredCheck.__init__ = deferred  # type: ignore[method-assign]
+    cuda_ops._launch = interpreted_launch
+    try:
+        with triton_path():
+            for step in range(2):  # the first call exchanges headers; the second is steady
+                x = torch.randn(2 + rank, 4, 3, 3, requires_grad=True)
+                grad = torch.randn(2 + rank, 4, 3, 3)
+                layer.weight.grad = layer.bias.grad = None  # no accumulation kernels
+                if step == 0:
+                    layer(x).backward(grad)
+                    continue
+                cuda_ops.launch_log = []
+                tail_copies.clear()
+                with Record() as record:
+                    layer(x).backward(grad)
+                launches = cuda_ops.launch_log
+    finally:
+        cuda_ops.launch_log = None
+        cuda_ops._launch = launch
+        collectives._DeferredCheck.__init__ = original  # type: ignore[method-assign]
+    ops = [op for op in record.ops if not op.startswith("aten.") or
+           not any(op[5:].startswith(name) for name in _NO_LAUNCH)]
+    return {"triton": launches,
+            "collectives": [op for op in ops if op.startswith("c10d")],
+            "host_reads": [op for op in ops if any(f".{name}." in op or op.endswith(f".{name}")
+                                                   for name in _HOST_READS)],
+            "aten": [op for op in ops if op.startswith("aten.")],
+            "other": [op for op in ops if not op.startswith(("aten.", "c10d"))],
+            "tail_copies": tail_copies}
+
+
+@pytest.mark.parametrize("mode", ["sync", "brn", "cmbn", "cbn", "bin", "switchable"])
+def test_launches_of_a_steady_state_training_step(mode, world2):
+    """SyncBatchNorm: at most 6 launches of distnorm's own (Triton) and its 2
+    collectives; every variant: no host read. The counts are printed (-s)."""
+    for rank, counts in enumerate(world2.run(_w_launches, mode)):
+        kernels = len(counts["triton"]) + len(counts["aten"])
+        print(f"{mode} rank {rank}: {kernels} kernels ({len(counts['triton'])} Triton "
+              f"{counts['triton']}, {len(counts['aten'])} ATen {counts['aten']}), "
+              f"{len(counts['collectives'])} collectives, {len(counts['tail_copies'])} "
+              f"guard tail copies, host reads {counts['host_reads']}")
+        assert counts["host_reads"] == [], counts
+        assert counts["other"] == [], counts
+        if mode == "sync":
+            assert kernels <= 6 and len(counts["collectives"]) == 2, counts
+
+
+def _w_compiled(rank: int, world: int, mode: str) -> Dict[str, Any]:
+    """The same steps eagerly and inside torch.compile(fullgraph=True): the compiled
+    graph calls the Triton kernels as custom operators (torch.ops.distnorm.*)."""
+    from distnorm import cuda_ops
+
+    out: Dict[str, Any] = {}
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = distnorm.convert_model(nn.Sequential(nn.BatchNorm2d(4)), mode=mode)
+        run = torch.compile(model, backend="aot_eager", fullgraph=True) if compiled else model
+        steps = []
+        with triton_path():
+            for step in range(2):
+                gen = torch.Generator().manual_seed(step)
+                x = (torch.randn(2 + rank, 4, 3, 3, generator=gen) * 3 + 5).requires_grad_()
+                cuda_ops.launch_log = []
+                y = run(x)
+                y.square().sum().backward()
+                steps.append((y.detach(), x.grad, list(cuda_ops.launch_log)))
+        cuda_ops.launch_log = None
+        out[str(compiled)] = (steps, {k: v.clone() for k, v in model.state_dict().items()},
+                              model[0].weight.grad)
+    return out
+
+
+@pytest.mark.parametrize("mode", ["sync", "cmbn"])
+def test_inside_torch_compile_the_kernels_are_custom_operators(mode, world2):
+    for out in world2.run(_w_compiled, mode, timeout=600):
+        (eager, eager_state, eager_grad), (compiled, state, grad) = out["False"], out["True"]
+        for (y, dx, eager_launches), (y_c, dx_c, launches) in zip(eager, compiled):
+            torch.testing.assert_close(y_c, y)
+            torch.testing.assert_close(dx_c, dx)
+            assert launches == eager_launches, (launches, eager_launches)
+        for key, value in eager_state.items():
+            torch.testing.assert_close(state[key], value)
+        torch.testing.assert_close(grad, eager_grad)
+
+
+def _w_nonfinite(rank: int, world: int, policy: str) -> Dict[str, Any]:
+    """Rank 1's input holds a NaN at the first step."""
+    layer = distnorm.SyncBatchNorm(3)
+    layer.nonfinite = policy
+    out: Dict[str, Any] = {"y0": None, "error": None, "running_mean": None}
+    with triton_path():
+        try:
+            for step in range(3):
+                gen = torch.Generator().manual_seed(10 * rank + step)
+                x = torch.randn(2, 3, 4, generator=gen) + 5
+                if rank == 1 and step == 0:
+                    x[0, 1, 2] = float("nan")
+                y = layer(x)
+                y.sum().backward()
+                if step == 0:
+                    out["y0"] = y.detach()
+                    out["running_mean"] = layer.running_mean.clone()
+        except distnorm.NonFiniteError as error:
+            out["error"], out["step"] = str(error), step
+    return out
+
+
+@pytest.mark.parametrize("policy", ["raise", "skip"])
+def test_nonfinite_input_on_the_triton_path(policy, world2):
+    """The finish kernel zeros a non-finite payload and raises its rank's bit: with
+    "skip" the statistics are rank 0's alone; with "raise" every rank raises
+    NonFiniteError naming rank 1 at the next guarded call (CUDA's deferred check)."""
+    results = world2.run(_w_nonfinite, policy)
+    x0 = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(0)) + 5
+    mean = x0.mean((0, 2))
+    torch.testing.assert_close(results[0]["running_mean"], 0.1 * mean)
+    if policy == "skip":
+        assert all(r["error"] is None for r in results), results
+        torch.testing.assert_close(results[0]["y0"], nn.functional.batch_norm(
+            x0, None, None, training=True))
+    else:
+        for r in results:
+            assert r["error"] is not None and "rank(s) [1]" in r["error"], r
+            assert r["step"] == 1
