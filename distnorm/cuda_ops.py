@@ -251,13 +251,21 @@ def pack(payload: Tensor, spec: Any) -> Tensor:
     return packet
 
 
+def _saturation(dtype: torch.dtype) -> float:
+    """Where a running buffer of ``dtype`` saturates (0: nowhere): half-precision
+    buffers stop at their largest finite value, as :func:`distnorm.functional.
+    update_running_stats` does, instead of becoming inf and then NaN."""
+    return float(torch.finfo(dtype).max) if dtype in (torch.float16, torch.bfloat16) else 0.0
+
+
 def _running_meta(running: Optional[Running]) -> Tuple[Tuple[Tensor, Tensor, Tensor], dict, float]:
     k = _kernels()
     if running is None:
         return (), {}, 0.0
     tracked = running.tracked if running.tracked is not None else running.mean
     meta = dict(UT=k.tl.float64 if running.mean.dtype == torch.float64 else k.tl.float32,
-                CUMULATIVE=running.momentum is None, HAS_TRACKED=running.tracked is not None)
+                CUMULATIVE=running.momentum is None, HAS_TRACKED=running.tracked is not None,
+                LIMIT=_saturation(running.mean.dtype))
     momentum = 0.0 if running.momentum is None else float(running.momentum)
     return (running.mean, running.var, tracked), meta, momentum
 
@@ -283,7 +291,7 @@ def _normalize(x: Tensor, stats: Stats, weight: Optional[Tensor], bias: Optional
             *_exact(momentum),
             HAS_W=weight is not None, HAS_B=bias is not None, FROM_SUMS=from_sums,
             CT=_compute_dtype(x.dtype), RUNNING=running is not None,
-            **(running_meta or dict(UT=k.tl.float32, CUMULATIVE=False, HAS_TRACKED=False)),
+            **(running_meta or dict(UT=k.tl.float32, CUMULATIVE=False, HAS_TRACKED=False, LIMIT=0.0)),
             BLOCK_C=_BLOCK_C, **plan.meta)
     return y
 

@@ -338,9 +338,11 @@ def pack_kernel(payload_ptr, packet_ptr, guard_ptr, seq_ptr, n, size, bit, nogra
 def _running_update(count_ptr, sums_ptr, mean_ptr, var_ptr, run_mean_ptr, run_var_ptr,
                     tracked_ptr, C, momentum, momentum_lo, FROM_SUMS: tl.constexpr,
                     CT: tl.constexpr, UT: tl.constexpr, CUMULATIVE: tl.constexpr,
-                    HAS_TRACKED: tl.constexpr, BLOCK: tl.constexpr):
+                    HAS_TRACKED: tl.constexpr, LIMIT: tl.constexpr, BLOCK: tl.constexpr):
     """``running ← running + f·(stat − running)``: ``f = momentum``, or ``1/tracked``
-    (cumulative); unbiased variance; nothing (``tracked`` included) when count is 0."""
+    (cumulative); unbiased variance; nothing (``tracked`` included) when count is 0.
+    ``LIMIT > 0`` (half-precision buffers): old and new values saturate at ±LIMIT, the
+    buffer dtype's largest finite value, as the eager update does (never inf, then NaN)."""
     count = tl.load(count_ptr).to(tl.float64)
     has_data = count > 0
     factor = tl.where(has_data, _exact(momentum, momentum_lo), 0.0).to(UT)
@@ -358,8 +360,14 @@ def _running_update(count_ptr, sums_ptr, mean_ptr, var_ptr, run_mean_ptr, run_va
         unbiased = (var * correction.to(CT)).to(UT)
         old_mean = tl.load(run_mean_ptr + ch, mask=mask, other=0.0).to(UT)
         old_var = tl.load(run_var_ptr + ch, mask=mask, other=0.0).to(UT)
+        if LIMIT > 0:
+            old_mean = tl.minimum(tl.maximum(old_mean, -LIMIT), LIMIT)
+            old_var = tl.minimum(tl.maximum(old_var, -LIMIT), LIMIT)
         new_mean = old_mean + factor * (mean.to(UT) - old_mean)
         new_var = old_var + factor * (unbiased - old_var)
+        if LIMIT > 0:
+            new_mean = tl.minimum(tl.maximum(new_mean, -LIMIT), LIMIT)
+            new_var = tl.minimum(tl.maximum(new_var, -LIMIT), LIMIT)
         tl.store(run_mean_ptr + ch, new_mean.to(run_mean_ptr.dtype.element_ty), mask=mask)
         tl.store(run_var_ptr + ch, new_var.to(run_var_ptr.dtype.element_ty), mask=mask)
 
@@ -368,7 +376,7 @@ def _running_update(count_ptr, sums_ptr, mean_ptr, var_ptr, run_mean_ptr, run_va
 def running_update_kernel(count_ptr, sums_ptr, mean_ptr, var_ptr, run_mean_ptr, run_var_ptr,
                           tracked_ptr, C, momentum, momentum_lo, FROM_SUMS: tl.constexpr,
                           CT: tl.constexpr, UT: tl.constexpr, CUMULATIVE: tl.constexpr,
-                          HAS_TRACKED: tl.constexpr, BLOCK: tl.constexpr):
+                          HAS_TRACKED: tl.constexpr, LIMIT: tl.constexpr, BLOCK: tl.constexpr):
     """One program: the running update alone (variants with their own moments).
 
     Args:
@@ -378,7 +386,7 @@ def running_update_kernel(count_ptr, sums_ptr, mean_ptr, var_ptr, run_mean_ptr, 
     """
     _running_update(count_ptr, sums_ptr, mean_ptr, var_ptr, run_mean_ptr, run_var_ptr,
                     tracked_ptr, C, momentum, momentum_lo, FROM_SUMS, CT, UT, CUMULATIVE,
-                    HAS_TRACKED, BLOCK)
+                    HAS_TRACKED, LIMIT, BLOCK)
 
 
 @triton.jit(do_not_specialize=["C"])
@@ -400,7 +408,7 @@ def normalize_kernel(x_ptr, y_ptr, w_ptr, b_ptr, count_ptr, sums_ptr, mean_ptr, 
                      momentum_lo,
                      HAS_W: tl.constexpr, HAS_B: tl.constexpr, FROM_SUMS: tl.constexpr,
                      CT: tl.constexpr, RUNNING: tl.constexpr, UT: tl.constexpr,
-                     CUMULATIVE: tl.constexpr, HAS_TRACKED: tl.constexpr,
+                     CUMULATIVE: tl.constexpr, HAS_TRACKED: tl.constexpr, LIMIT: tl.constexpr,
                      BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr,
                      CHANNELS_LAST: tl.constexpr, WIDE: tl.constexpr, BLOCK_C: tl.constexpr):
     """``y = (x − μ)·invstd·w + b`` in ``CT``, stored in ``y``'s dtype; program (0, 0)
@@ -431,7 +439,7 @@ def normalize_kernel(x_ptr, y_ptr, w_ptr, b_ptr, count_ptr, sums_ptr, mean_ptr, 
         if (pid_c == 0) & (tl.program_id(1) == 0):
             _running_update(count_ptr, sums_ptr, mean_ptr, var_ptr, run_mean_ptr, run_var_ptr,
                             tracked_ptr, C, momentum, momentum_lo, FROM_SUMS, CT, UT, CUMULATIVE,
-                            HAS_TRACKED, BLOCK_C)
+                            HAS_TRACKED, LIMIT, BLOCK_C)
 
 
 @triton.jit(do_not_specialize=_SHAPES)

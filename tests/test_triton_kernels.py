@@ -252,6 +252,28 @@ def test_running_update(momentum, buffer_dtype, empty_group):
 
 @needs_interpreter
 @pytest.mark.usefixtures("_interpreted")
+@pytest.mark.parametrize("alone", [False, True])
+def test_half_running_statistics_saturate(alone):
+    """A float16 running variance driven past 65504 stops there, as the eager update
+    does (never inf, and so never NaN at the next blend), and comes back down."""
+    limit = torch.finfo(torch.float16).max
+    for scale, want_saturated in ((1e3, True), (1.0, False)):
+        x = _input((4, 2, 5), False, torch.float32) * scale  # batch variance ~1e6, then ~1
+        stats = _stats_of(x, "sums", torch.float32)[0]
+        running_mean = torch.zeros(2, dtype=torch.float16)
+        running_var = torch.full((2,), limit if scale == 1.0 else 6e4, dtype=torch.float16)
+        running = Running(running_mean, running_var, torch.tensor(0), 0.5)
+        for _ in range(3):
+            if alone:
+                cuda_ops.running_update(stats, running)
+            else:
+                cuda_ops.normalize(x, stats, None, None, EPS, running)
+        assert torch.isfinite(running_var).all() and torch.isfinite(running_mean).all()
+        assert bool((running_var == limit).all()) == want_saturated
+
+
+@needs_interpreter
+@pytest.mark.usefixtures("_interpreted")
 @pytest.mark.parametrize("empty", [False, True])
 def test_unpack(empty):
     x = _input((0 if empty else 5, 4, 3), False, torch.float32, loc=100.0)
