@@ -277,9 +277,11 @@ class _Moments:
         work = x if x.dtype in (torch.float32, torch.float64) else x.float()
         view = (1, channels) + (1,) * (x.dim() - 2)
         if self.shift is None:
-            # The first batch's mean, rounded to the input's precision: x − shift is
-            # then exact for elements near it (Sterbenz), whatever |μ|/σ is.
-            shift = work.sum(dims, dtype=torch.float64).div_(count).to(work.dtype)
+            # The first batch's mean in the input's precision (a float64 upcast of the
+            # whole batch would cost more than the sums): it only needs to be near the
+            # mean, since the value subtracted is recorded exactly. x − shift is then
+            # exact for elements near it (Sterbenz), whatever |μ|/σ is.
+            shift = work.sum(dims).div_(count)
             self.shift, self.shift_work = shift.double(), shift
             self.sum = torch.zeros_like(self.shift)
             self.sum_sq = torch.zeros_like(self.shift)
