@@ -16,8 +16,9 @@ BatchNorm-family layer it pools every element each rank fed the layer:
   per-rank statistics (fvcore's ``update_bn_stats`` and torch's
   ``swa_utils.update_bn`` average batch variances, which is not the population
   variance and is biased when batch sizes differ);
-* each rank accumulates its batches' sums in float64, shifted by the mean of the
-  first batch it saw (so the sums stay centred however far the mean is from zero);
+* each rank sums its inputs shifted by the mean of the first batch it saw (so the
+  sums stay centred however far the mean is from zero) — each batch's sums in the
+  input's precision (float32 at least), accumulated over batches in float64;
   the ranks combine them once, at the end, in one all-reduce of
   ``[m, m·μ, M2 + m·μ²]`` for every layer — the layout the synced layers use, whose
   float64 cancellation costs a relative ``(|μ|/σ)²·1e-16`` (1e-8 at |μ|/σ = 1e4,
