@@ -44,7 +44,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ._packing import pack_sums, unpack_sums
+from ._packing import pack_sums, packed_size, split_packed, unpack_sums
 from .distributed import resolve_group
 from .modules._rank_state import RankStateMixin
 
@@ -294,7 +294,7 @@ class _Moments:
     def packed(self, channels: int, device: torch.device) -> Tensor:
         """``[m, m·μ, M2 + m·μ²]`` (float64) of everything this rank saw."""
         if self.shift is None:
-            return torch.zeros(2 * channels + 1, dtype=torch.float64, device=device)
+            return torch.zeros(packed_size(channels), dtype=torch.float64, device=device)
         offset = self.sum / self.count
         mean = self.shift + offset
         m2 = (self.sum_sq - self.sum * offset).clamp_(min=0)
@@ -444,11 +444,10 @@ def _write_statistics(layers: List[_BatchNorm], collector: _Collector, samples: 
     packed = packed.cpu()  # read once, at the end
     totals: List[Tuple[_BatchNorm, Tensor, Tensor]] = []
     unreached, single, nonfinite = [], [], []
-    offset = 0
+    rest = packed
     for layer in layers:
-        size = 2 * layer.num_features + 1
-        count, sum_x, sum_sq = unpack_sums(packed[offset:offset + size], layer.num_features)
-        offset += size
+        head, rest = split_packed(rest, layer.num_features)
+        count, sum_x, sum_sq = unpack_sums(head, layer.num_features)
         count = float(count)  # host tensors: no device sync
         if count == 0:
             unreached.append(layer)
