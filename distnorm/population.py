@@ -16,8 +16,9 @@ BatchNorm-family layer it pools every element each rank fed the layer:
   per-rank statistics (fvcore's ``update_bn_stats`` and torch's
   ``swa_utils.update_bn`` average batch variances, which is not the population
   variance and is biased when batch sizes differ);
-* each rank accumulates its batches' sums in float64, shifted by the mean of the
-  first batch it saw (so the sums stay centred however far the mean is from zero);
+* each rank sums its inputs shifted by the mean of the first batch it saw (so the
+  sums stay centred however far the mean is from zero) — each batch's sums in the
+  input's precision (float32 at least), accumulated over batches in float64;
   the ranks combine them once, at the end, in one all-reduce of
   ``[m, m·μ, M2 + m·μ²]`` for every layer — the layout the synced layers use, whose
   float64 cancellation costs a relative ``(|μ|/σ)²·1e-16`` (1e-8 at |μ|/σ = 1e4,
@@ -43,7 +44,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ._packing import pack_sums, unpack_sums
+from ._packing import pack_sums, packed_size, split_packed, unpack_sums
 from .distributed import resolve_group
 from .modules._rank_state import RankStateMixin
 
@@ -277,9 +278,11 @@ class _Moments:
         work = x if x.dtype in (torch.float32, torch.float64) else x.float()
         view = (1, channels) + (1,) * (x.dim() - 2)
         if self.shift is None:
-            # The first batch's mean, rounded to the input's precision: x − shift is
-            # then exact for elements near it (Sterbenz), whatever |μ|/σ is.
-            shift = work.sum(dims, dtype=torch.float64).div_(count).to(work.dtype)
+            # The first batch's mean in the input's precision (a float64 upcast of the
+            # whole batch would cost more than the sums): it only needs to be near the
+            # mean, since the value subtracted is recorded exactly. x − shift is then
+            # exact for elements near it (Sterbenz), whatever |μ|/σ is.
+            shift = work.sum(dims).div_(count)
             self.shift, self.shift_work = shift.double(), shift
             self.sum = torch.zeros_like(self.shift)
             self.sum_sq = torch.zeros_like(self.shift)
@@ -291,7 +294,7 @@ class _Moments:
     def packed(self, channels: int, device: torch.device) -> Tensor:
         """``[m, m·μ, M2 + m·μ²]`` (float64) of everything this rank saw."""
         if self.shift is None:
-            return torch.zeros(2 * channels + 1, dtype=torch.float64, device=device)
+            return torch.zeros(packed_size(channels), dtype=torch.float64, device=device)
         offset = self.sum / self.count
         mean = self.shift + offset
         m2 = (self.sum_sq - self.sum * offset).clamp_(min=0)
@@ -441,11 +444,10 @@ def _write_statistics(layers: List[_BatchNorm], collector: _Collector, samples: 
     packed = packed.cpu()  # read once, at the end
     totals: List[Tuple[_BatchNorm, Tensor, Tensor]] = []
     unreached, single, nonfinite = [], [], []
-    offset = 0
+    rest = packed
     for layer in layers:
-        size = 2 * layer.num_features + 1
-        count, sum_x, sum_sq = unpack_sums(packed[offset:offset + size], layer.num_features)
-        offset += size
+        head, rest = split_packed(rest, layer.num_features)
+        count, sum_x, sum_sq = unpack_sums(head, layer.num_features)
         count = float(count)  # host tensors: no device sync
         if count == 0:
             unreached.append(layer)
