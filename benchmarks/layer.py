@@ -145,7 +145,7 @@ def expected_bytes(name: str, channels: int, world: int) -> dict[str, int] | Non
         # the group — [m, Σx (C), Σx² (C)] forward, [Σg (C), Σg·x̂ (C)] backward, or a
         # header's W rows — plus the guard's tail (distnorm.distributed.collectives).
         # The benchmark gives each shape a group of its own: its forward payload sets it.
-        from distnorm.distributed.collectives import _ROW, _TAIL
+        from distnorm.distributed._guard import _ROW, _TAIL
 
         packet = (max(2 * channels + 1, world * _ROW) + _TAIL) * 8
         return {"forward": packet, "backward": packet}

@@ -86,6 +86,8 @@ def _refuse_sharded(module: nn.Module, sources: Tuple[type, ...]) -> None:
     """Refuse a model FSDP already wraps: FSDP2 has sharded its parameters into DTensors
     and FSDP has flattened them, so a layer made from them would hold parameters FSDP
     no longer manages (and fail in its forward with an unrelated-looking error)."""
+    if not isinstance(module, nn.Module):
+        return  # _replace names what it got
     if not any(type(m) in sources or _is_norm_act(m) for m in module.modules()):
         return
     for name, sub in module.named_modules():

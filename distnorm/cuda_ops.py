@@ -242,7 +242,7 @@ def _grad_packet(grad_out: Tensor, x: Tensor, stats: Stats, eps: float, spec: Op
 
 def pack(payload: Tensor, spec: Any) -> Tensor:
     """The guarded packet of a ready payload (one launch): what
-    ``collectives._pack_on_device`` computes."""
+    ``distributed._guard._pack_on_device`` computes."""
     k = _kernels()
     packet = torch.empty(spec.size, dtype=torch.float64, device=payload.device)
     guard, seq, size, *numbers = _tail_args(spec)

@@ -27,7 +27,7 @@ import torch.distributed as dist
 import distnorm
 from distnorm import kernels
 from distnorm.distributed import collectives
-from tests.test_device_path import device_path
+from tests._triton_path import device_path
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -16,8 +16,8 @@ from __future__ import annotations
 import copy
 import io
 import math
-from contextlib import contextmanager, nullcontext
-from typing import Any, Dict, Iterator, List
+from contextlib import nullcontext
+from typing import Any, Dict, List
 
 import pytest
 import torch
@@ -26,23 +26,10 @@ from torch import nn
 
 import distnorm
 from distnorm import kernels
-from distnorm.distributed import collectives
+from distnorm.distributed import _guard, collectives
+from tests._triton_path import device_path
 
 SIZES = [3, 0, 2]  # uneven, one empty rank (world3)
-
-
-@contextmanager
-def device_path() -> Iterator[None]:
-    """Run the branches CUDA takes (device guard, fused glue) on CPU."""
-    saved_on_host, saved_devices = collectives._on_host, set(kernels._FUSED_DEVICES)
-    collectives._on_host = lambda tensor: False
-    kernels._FUSED_DEVICES.add("cpu")
-    try:
-        yield
-    finally:
-        collectives._on_host = saved_on_host
-        kernels._FUSED_DEVICES.clear()
-        kernels._FUSED_DEVICES.update(saved_devices)
 
 
 def _shards(seed: int, dtype: torch.dtype, channels: int = 4) -> List[torch.Tensor]:
@@ -132,8 +119,8 @@ def test_fused_glue_matches_its_eager_expression():
         for check in (False, True):
             guard_a = torch.tensor([5.0, 25.0, 2.0, 4.0], dtype=torch.float64)
             guard_b = guard_a.clone()
-            got = kernels.fused(collectives._pack_on_device, payload.clone(), guard_a, 4.0, check)
-            want = collectives._pack_on_device(payload.clone(), guard_b, 4.0, check)
+            got = kernels.fused(_guard._pack_on_device, payload.clone(), guard_a, 4.0, check)
+            want = _guard._pack_on_device(payload.clone(), guard_b, 4.0, check)
             torch.testing.assert_close(got, want)
             torch.testing.assert_close(guard_a, guard_b)
             torch.testing.assert_close(guard_a, torch.tensor([5.0, 25.0, 3.0, 9.0],

@@ -17,7 +17,7 @@ import torch
 
 from distnorm import cuda_ops
 from distnorm.cuda_ops import Running, Stats
-from distnorm.distributed import collectives
+from distnorm.distributed import _guard, collectives
 from tests._triton_path import INTERPRETED, triton_path
 
 pytest.importorskip("triton")
@@ -125,7 +125,7 @@ def _eager_packet(payload: torch.Tensor, spec) -> torch.Tensor:
     """collectives' own device packing (eager ops) of the same payload."""
     guard, seq = spec.guard.clone(), spec.seq.clone()
     pad = spec.size - payload.numel() - collectives._TAIL
-    return collectives._pack_on_device(payload.clone(), guard, spec.bit, spec.check, seq, pad,
+    return _guard._pack_on_device(payload.clone(), guard, spec.bit, spec.check, seq, pad,
                                        spec.nograd)
 
 
@@ -135,7 +135,7 @@ def _eager_packet(payload: torch.Tensor, spec) -> torch.Tensor:
 @pytest.mark.parametrize("nograd", [0.0, 2.0])
 def test_guarded_packets_match_the_collectives_layout(nonfinite, nograd):
     """The forward packet, the backward packet and the generic packing give exactly
-    the packet collectives._pack_on_device makes (zeros for a non-finite payload,
+    the packet _guard._pack_on_device makes (zeros for a non-finite payload,
     its flag), and advance the call and sequence counters in place (wrapping)."""
     x = _input((3, 4, 5), False, torch.float32)
     if nonfinite:

@@ -1,4 +1,4 @@
-"""The collectives of synced layers and the guards around them, in one place.
+"""The collectives of synced layers, in one place.
 
 Every synced layer reduces through :func:`all_reduce`, which takes a small
 :class:`SyncContext` (the layer's name and identity, its non-finite policy, its
@@ -9,59 +9,32 @@ in another order, the channel counts differ, one runs an extra forward, a rank i
 eval mode or ran out of data — the payloads no longer line up. gloo aborts a process
 whose peer sends a longer buffer than it expects, and a rank waiting for a peer that
 never comes waits for the process group's timeout (torch's defaults: 30 minutes for
-gloo, 10 minutes for NCCL). So:
+gloo, 10 minutes for NCCL). So every collective here is guarded — one packet size
+per group, a header at a layer's first call, a tail of counters at every call; the
+layout and its checks are :mod:`._guard`'s — and:
 
-* **One size per group.** Every guarded collective of a process group is an
-  all-reduce of the same number of float64 numbers: the group's *packet size*,
-  the largest payload seen on the group plus the guard's tail, padded with zeros.
-  Two ranks at different collectives therefore exchange buffers of equal size:
-  gloo cannot abort, and the guard below tells them apart. The packet size grows at
-  header exchanges only, which every rank makes at the same calls.
-* **Header** (first call of each layer and direction, a payload larger than the
-  packet size, every call with ``DISTNORM_DEBUG=1``): an all-reduce of the same
-  packet size in which each rank fills its own row — (layer tag, call count,
-  payload size, autograd, sequence number) — so that every rank sees every rank's
-  row; a mismatch raises :class:`~distnorm.errors.SyncError` on every rank, naming
-  the ranks. It is read on the host: the one synchronisation of a layer, at its
-  first call.
-* **Guard** (every call, in the packet's tail): rank bit fields (non-finite input,
-  forward run without autograd, header), and the layer tag, a mode (header or
-  payload, with or without autograd), the layer's call counter and the group's
-  *sequence number* (this rank's guarded collectives on the group, across layers
-  and directions), each with its square: all ranks agree exactly when
-  ``W·Σt² = (Σt)²``. A forward run under ``torch.no_grad()`` on some ranks only (a
-  logging or EMA-teacher forward in train mode) is told apart from the training
-  forward it would pair with, so its batch is never mixed silently into the
-  others' statistics. On CPU the tail is read on the host at once. On CUDA the
-  counters live on the device and the tail is copied back asynchronously into
-  pinned memory and checked at the next guarded call on the group, so the training
-  path never waits on the device and a CUDA graph can capture it (inside a capture
-  no host work is done at all, and what would need the host — a layer's first
-  call, a payload wider than the group's packets — raises a clear error before
-  anything reaches the stream; replays read no guard).
 * **Deadline.** On CPU (gloo) each guarded collective waits at most the layer's
   ``timeout`` (``DISTNORM_TIMEOUT`` seconds, default :data:`DEFAULT_TIMEOUT_S`;
   ``0`` turns it off), whatever the process group's timeout. On CUDA waiting with a
   deadline would block the host, so the bound there is NCCL's watchdog: the process
-  group's ``timeout`` (10 minutes by default); set it as short as the job allows.
-  What happens then is torch's, not distnorm's: with
-  ``TORCH_NCCL_ASYNC_ERROR_HANDLING=3`` (torch's default) the watchdog logs the
-  timed-out collective and tears the process down (SIGABRT), so no ``SyncError``
-  naming the layer is raised on CUDA (docs/faults.md, "Deadlines").
+  group's ``timeout`` (10 minutes by default). With
+  ``TORCH_NCCL_ASYNC_ERROR_HANDLING=3`` (torch's default) the watchdog tears the
+  process down (SIGABRT), so no ``SyncError`` naming the layer is raised on CUDA
+  (docs/faults.md, "Deadlines").
 * **Failures** of the collective itself (a dead peer, a deadline, the group's
-  timeout) are re-raised as ``SyncError`` naming the layer.
-
-A ``SyncError`` leaves the group's ranks at different collectives: treat it as
-fatal for the process group.
+  timeout) are re-raised as ``SyncError`` naming the layer. A ``SyncError`` leaves
+  the group's ranks at different collectives: treat it as fatal for the group.
+* **Checks on CUDA** are read back without waiting: the tail is copied into pinned
+  memory and checked at the next guarded call on the group, so the training path
+  never waits on the device and a CUDA graph can capture it.
 
 Non-finite inputs: a rank whose payload is not finite contributes zeros, and its
 bit (2^rank) rides in the same all-reduce, so every rank learns which ranks were
 hit and raises :class:`~distnorm.errors.NonFiniteError` (policy ``"raise"``) or goes
-on without them (``"skip"``). On CUDA the decision is made on the device and the
-error is raised at the next guarded call. Under ``torch.compile`` the same zeroing
-is traced into the graph, and for ``"raise"`` the bits go to an operator opaque to
-the compiler that raises them at the layer's next forward, compiled or eager; at
-CUDA-graph replays they are kept on the device for
+on without them (``"skip"``). On CUDA the error is raised at the next guarded call.
+Under ``torch.compile`` the zeroing is traced into the graph, and for ``"raise"``
+the bits go to an operator opaque to the compiler that raises them at the layer's
+next forward; at CUDA-graph replays they are kept on the device for
 :func:`distnorm.check_nonfinite` (:mod:`.nonfinite`).
 
 Isolation: the guarded collectives of a group run on distnorm's own group of the
@@ -71,8 +44,7 @@ other, never DDP's or a metric's; torch's plain ``Join([ddp])`` is refused
 
 Uneven inputs: :mod:`distnorm.join` records each iteration's guarded collectives
 (:class:`Call`) and lets a rank that ran out of data shadow them with zero
-contributions (:func:`shadow`), on distnorm's own group (:func:`set_transport`), so
-that they never interleave with DDP's collectives.
+contributions (:func:`shadow`), on distnorm's own group (:func:`set_transport`).
 """
 
 from __future__ import annotations
@@ -90,39 +62,26 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .. import cuda_ops, kernels
 from .._compat import functional_collectives
-from ..errors import NonFiniteError, SyncError
-from . import nonfinite as _nonfinite
-from ._readback import TOP_BIT as _TOP_BIT
-from ._readback import DeferredCheck as _DeferredCheck
-from ._readback import ranks_in as _ranks_in
+from ..errors import SyncError
 from . import ddp_join, isolation
+from . import nonfinite as _nonfinite
+from ._guard import (_MOD, _ROW, _TAIL, DEBUG_ENV, DevicePacket, Written, _bit,  # noqa: F401
+                     _check_capturable, _check_header, _Direction, _header_packet, _header_row,
+                     _needs_header, _pack, _ranks,
+                     _tail_verifier)
+from ._readback import DeferredCheck as _DeferredCheck
 
 __all__ = ["DEBUG_ENV", "DEFAULT_TIMEOUT_S", "NONFINITE_POLICIES", "TIMEOUT_ENV", "Call",
            "DevicePacket", "InFlight", "Written", "SyncContext", "all_reduce", "resolve_timeout", "set_transport",
            "shadow", "start_recording", "stop_recording"]
 
-DEBUG_ENV = "DISTNORM_DEBUG"
 TIMEOUT_ENV = "DISTNORM_TIMEOUT"
 # A rank waits this long for its peers in a guarded collective on CPU. Long enough
 # for a peer's first-call kernel compilation on a loaded machine, or a data-loader
 # stall; a minute instead of gloo's default 30.
 DEFAULT_TIMEOUT_S = 60.0
 NONFINITE_POLICIES = ("raise", "skip")
-# Tags and counters modulo 2^16: their squares summed over up to 1024 ranks, and the
-# square of their sum, stay exact in float64.
-_MOD = 1 << 16
-_MAX_EXACT_WORLD = 1024
-# The tail of every packet: [non-finite bits, no-autograd bits, header bits, tag, tag²,
-# mode, mode², call, call², seq, seq²]; mode = 2·header + no-autograd.
-_TAIL = 11
-# A header row: [tag, call, payload size, autograd, seq].
-_ROW = 5
-
-
-def _debug() -> bool:
-    return os.environ.get(DEBUG_ENV, "0") not in ("", "0")
 
 
 def resolve_timeout(value: Optional[float] = None) -> Optional[float]:
@@ -147,21 +106,6 @@ def resolve_timeout(value: Optional[float] = None) -> Optional[float]:
             raise ValueError(f"{TIMEOUT_ENV}={text!r}: expected a number of seconds "
                              "(0 or 'off': no deadline)") from None
     return value if value > 0 and math.isfinite(value) else None
-
-
-def _bit(rank: int) -> float:
-    return float(2 ** min(rank, _TOP_BIT))
-
-
-@dataclass
-class _Direction:
-    """Counters of one direction (forward or backward) of one layer."""
-
-    tag: int
-    calls: int = 0
-    checked: bool = False
-    # device -> float64 [tag, tag², call, call²], advanced on that device every call.
-    guard: Dict[torch.device, Tensor] = field(default_factory=dict)
 
 
 @dataclass(eq=False)
@@ -311,10 +255,6 @@ def stop_recording(group: Any) -> None:
         shared.trace = None
 
 
-def _ranks(group: Any) -> List[int]:
-    return dist.get_process_group_ranks(group)
-
-
 def _on_host(tensor: Tensor) -> bool:
     """Whether reading ``tensor`` on the host is free (CPU), so that checks may branch
     there and a wait may have a deadline; elsewhere they stay on the device and are
@@ -371,235 +311,6 @@ def _reduce(context: SyncContext, what: str, group: Any, shared: _Shared, packet
     except RuntimeError as error:
         raise _failure(context, what, group, error, timeout,
                        time.monotonic() - start) from error
-
-
-# -- packets ---------------------------------------------------------------------------
-def _header_packet(shared: _Shared, state: _Direction, rank: int, numel: int,
-                   autograd: bool, device: torch.device) -> Tensor:
-    """This rank's header row in its slot, zeros elsewhere, and the guard's tail."""
-    seq = shared.seq % _MOD
-    call = state.calls % _MOD
-    nograd = 0.0 if autograd else _bit(rank)
-    mode = 2.0 + (0.0 if autograd else 1.0)
-    packet = torch.zeros(shared.size, dtype=torch.float64)
-    packet[rank * _ROW:(rank + 1) * _ROW] = torch.tensor(
-        [state.tag, call, numel, float(autograd), seq], dtype=torch.float64)
-    packet[-_TAIL:] = torch.tensor([0.0, nograd, _bit(rank), state.tag, state.tag ** 2, mode,
-                                    mode * mode, call, call * call, seq, seq * seq],
-                                   dtype=torch.float64)
-    return packet.to(device)
-
-
-def _pack_on_device(payload: Tensor, guard: Tensor, bit: float, check: bool,
-                    *extra: Any) -> Tensor:
-    """``[payload, 0 × pad, flag, nograd, 0, tag, tag², mode, mode², call, call², seq,
-    seq²]``, advancing the call counter in ``guard`` (and ``seq``) in place; a
-    non-finite payload is replaced by zeros and sets ``flag`` to ``bit``. No host
-    synchronisation (one fused kernel where compiled).
-
-    ``extra``: ``(seq, pad, nograd)`` — the group's ``[seq, seq²]`` counter, the
-    zeros up to the packet size, and this rank's no-autograd bit; without them, no
-    padding and no sequence number. (Positional: ``kernels.fused`` compiles a copy
-    of the function's code, without default values.)
-    """
-    seq, pad, nograd = extra if extra else (None, 0, 0.0)
-    call = torch.remainder(guard[2:3] + 1, _MOD)
-    guard[2:3].copy_(call)
-    guard[3:4].copy_(call * call)
-    if check:
-        # A NaN or ±Inf anywhere makes the sum non-finite (sums of finite moment
-        # buffers never overflow float64): one reduction instead of an isfinite pass.
-        bad = payload.sum(0, keepdim=True).isfinite().logical_not()
-        payload = torch.where(bad, torch.zeros_like(payload), payload)
-        flag = bad.to(payload.dtype) * bit
-    else:
-        flag = torch.zeros_like(payload[:1])
-    mode = 1.0 if nograd else 0.0
-    # [nograd, 0] and [mode, mode²] filled on the device: torch.tensor(...,
-    # device=cuda) would be a pageable host-to-device copy (a host synchronisation,
-    # and illegal inside a CUDA-graph capture) whenever this runs eagerly.
-    fixed, modes = payload.new_zeros(2), payload.new_empty(2)
-    fixed[:1].fill_(nograd)  # fill_ takes the number as a kernel argument
-    modes[:1].fill_(mode)
-    modes[1:].fill_(mode * mode)
-    parts = [payload, payload.new_zeros(pad), flag, fixed, guard[:2], modes, guard[2:]]
-    if seq is not None:
-        step = torch.remainder(seq[:1] + 1, _MOD)
-        seq[:1].copy_(step)
-        seq[1:2].copy_(step * step)
-        parts.append(seq)
-    return torch.cat(parts)
-
-
-class DevicePacket(NamedTuple):
-    """What a device kernel needs to write a guarded packet in one launch: the
-    payload, zeros up to ``size``, then this module's tail (:data:`_TAIL` numbers:
-    ``[non-finite flag, nograd, 0, tag, tag², mode, mode², call, call², seq, seq²]``,
-    the flag ``bit`` when ``check`` finds the payload non-finite, which then goes
-    as zeros), advancing ``guard[2:]`` (``[call, call²]``) and ``seq`` modulo
-    ``modulus`` in place, as :func:`_pack_on_device` does."""
-
-    size: int
-    guard: Tensor  # float64 [tag, tag², call, call²] on the device
-    seq: Tensor  # float64 [seq, seq²] on the device
-    bit: float
-    check: bool
-    nograd: float
-    mode: float
-    modulus: int
-
-
-class Written:
-    """A float64 payload that a device kernel writes straight into its guarded
-    packet (one launch fewer than packing a finished payload), for :func:`all_reduce`.
-
-    ``write(spec)`` returns the whole packet for a :class:`DevicePacket`, or the
-    plain ``numel``-long payload for ``None`` (no group, no guard, on the host).
-    """
-
-    dtype = torch.float64
-
-    def __init__(self, numel: int, device: torch.device,
-                 write: Callable[[Optional[DevicePacket]], Tensor]) -> None:
-        self._numel, self.device, self.write = numel, device, write
-
-    @property
-    def is_cuda(self) -> bool:
-        return self.device.type == "cuda"
-
-    def numel(self) -> int:
-        return self._numel
-
-
-def _pack(payload: Any, shared: _Shared, state: _Direction, rank: int, check: bool,
-          autograd: bool) -> Tensor:
-    """The packet of a payload (float64, or :class:`Written`), padded to the group's
-    packet size."""
-    bit = _bit(rank)
-    nograd = 0.0 if autograd else bit
-    pad = shared.size - payload.numel() - _TAIL
-    if isinstance(payload, Written) and _on_host(payload):
-        payload = payload.write(None)
-    if _on_host(payload):
-        flag = 0.0
-        if check and not math.isfinite(payload.sum().item()):
-            payload = torch.zeros_like(payload)
-            flag = bit
-        call = state.calls % _MOD
-        seq = shared.seq % _MOD
-        mode = 0.0 if autograd else 1.0
-        tail = torch.tensor([flag, nograd, 0.0, state.tag, state.tag ** 2, mode, mode * mode,
-                             call, call * call, seq, seq * seq], dtype=torch.float64)
-        parts = [payload, payload.new_zeros(pad), tail] if pad else [payload, tail]
-        return torch.cat(parts)
-    device = payload.device
-    guard = state.guard.get(device)
-    if guard is None:  # first call on this device: the header has just synchronised
-        call = (state.calls - 1) % _MOD  # advanced to `calls` by the packing below
-        guard = torch.tensor([state.tag, state.tag ** 2, call, call * call],
-                             dtype=torch.float64).to(device)
-        state.guard[device] = guard
-    seq_guard = shared.seq_guard.get(device)
-    if seq_guard is None:
-        seq = (shared.seq - 1) % _MOD
-        seq_guard = shared.seq_guard[device] = torch.tensor(
-            [seq, seq * seq], dtype=torch.float64).to(device)
-    if isinstance(payload, Written) or cuda_ops.applies(payload):
-        spec = DevicePacket(shared.size, guard, seq_guard, bit, check, nograd,
-                            0.0 if autograd else 1.0, _MOD)
-        return payload.write(spec) if isinstance(payload, Written) else cuda_ops.pack(payload, spec)
-    return kernels.fused(_pack_on_device, payload, guard, bit, check, seq_guard, pad, nograd)
-
-
-# -- checks ----------------------------------------------------------------------------
-def _agree(world: int, total: float, squares: float) -> bool:
-    return world > _MAX_EXACT_WORLD or world * squares == total * total
-
-
-def _tail_verifier(context: SyncContext, what: str, group: Any, world: int,
-                   nonfinite: Optional[str]) -> Callable[[List[float]], None]:
-    def verify(values: List[float]) -> None:
-        (flags, nograd, headers, tag_sum, tag_sq, mode_sum, mode_sq, call_sum, call_sq,
-         seq_sum, seq_sq) = values
-        if not (_agree(world, tag_sum, tag_sq) and _agree(world, mode_sum, mode_sq)
-                and _agree(world, call_sum, call_sq) and _agree(world, seq_sum, seq_sq)):
-            raise _mismatch(context, what, group, nograd, headers)
-        if nonfinite == "raise" and flags:
-            _raise_nonfinite(context, group, flags)
-
-    return verify
-
-
-def _mismatch(context: SyncContext, what: str, group: Any, nograd: float,
-              headers: float) -> SyncError:
-    ranks = _ranks(group)
-    at_header = _ranks_in(headers, ranks)
-    without = _ranks_in(nograd, ranks)
-    if at_header and len(at_header) < len(ranks):
-        detail = (f"ranks {at_header} were at a layer's first call (its header) while ranks "
-                  f"{[r for r in ranks if r not in at_header]} were at a later call: they skipped "
-                  "a layer, called layers in another order or ran an extra forward.")
-    elif without and len(without) < len(ranks):
-        detail = (f"ranks {without} ran this forward under torch.no_grad() (or inference mode) "
-                  f"while ranks {[r for r in ranks if r not in without]} ran a forward with "
-                  "autograd: an extra training-mode forward on some ranks only (e.g. a logging "
-                  "or EMA-teacher forward under no_grad with the model in train mode) would mix "
-                  "its batch into the others' statistics. Run it on every rank, or in eval mode "
-                  "(model.eval()), or on a copy made with distnorm.revert_model.")
-    else:
-        return SyncError(
-            f"{context.name}: ranks {ranks} were not all at the same layer and call in the "
-            f"{what} all-reduce (layer tags, call counters or collective sequence numbers differ "
-            "across ranks). A rank skipped this layer, called synced layers in another order, "
-            f"ran an extra forward, or is in eval mode; set {DEBUG_ENV}=1 to check every call "
-            "and name the ranks.")
-    return SyncError(f"{context.name}: ranks {ranks} were not all at the same layer and call in "
-                     f"the {what} all-reduce: {detail}")
-
-
-def _check_header(context: SyncContext, what: str, group: Any, shared: _Shared, rank: int,
-                  mine: List[float], result: Tensor) -> None:
-    """Compare every rank's header row; grow the packet size to the largest payload."""
-    world = shared.world
-    values = result.tolist()
-    _, nograd, headers, _, _, mode_sum, mode_sq = values[-_TAIL:][:7]
-    ranks = _ranks(group)
-    if world <= _TOP_BIT + 1:
-        all_headers = len(_ranks_in(headers, ranks)) == world
-    else:
-        all_headers = _agree(world, mode_sum, mode_sq) and mode_sum >= 2 * world
-    if not all_headers:  # some ranks sent a payload: the rows are not all rows
-        raise _mismatch(context, what, group, nograd, headers)
-    rows = [values[r * _ROW:(r + 1) * _ROW] for r in range(world)]
-    if all(row == rows[0] for row in rows):
-        shared.size = max(shared.size, int(rows[0][2]) + _TAIL)
-        return
-    described = []
-    for r, (tag, calls, size, autograd, seq) in zip(ranks, rows):
-        where = "this layer" if tag == mine[0] else f"another layer (tag {int(tag)})"
-        grad = "with autograd" if autograd else "under torch.no_grad()"
-        described.append(f"rank {r}: {where}, call {int(calls)}, payload {int(size)} numbers, "
-                         f"training, {grad}, collective #{int(seq)}")
-    odd = [r for r, row in zip(ranks, rows) if row != mine]
-    hint = ""
-    if any(row[3] != mine[3] for row in rows):
-        hint = (" A forward run under torch.no_grad() on some ranks only (a logging or "
-                "EMA-teacher forward with the model in train mode) must run on every rank, "
-                "or in eval mode.")
-    raise SyncError(
-        f"{context.name}: ranks disagree before the {what} all-reduce "
-        f"(seen from rank {ranks[rank]}: ranks {odd} differ from it): " + "; ".join(described)
-        + ". Every rank must call the same synced layers in the same order, with the same "
-          "channel count, all in training mode." + hint)
-
-
-def _needs_header(shared: _Shared, state: _Direction, numel: int) -> bool:
-    return not state.checked or numel + _TAIL > shared.size or _debug()
-
-
-def _header_row(shared: _Shared, state: _Direction, numel: int, autograd: bool) -> List[float]:
-    return [float(state.tag), float(state.calls % _MOD), float(numel), float(autograd),
-            float(shared.seq % _MOD)]
 
 
 # -- the entry point -------------------------------------------------------------------
@@ -688,7 +399,8 @@ def _guarded_all_reduce(buffer: Tensor, group: Any, context: SyncContext, what: 
         state.checked = True
     shared.seq += 1
     payload = buffer if isinstance(buffer, Written) else buffer.to(torch.float64)
-    packed = _pack(payload, shared, state, rank, nonfinite is not None, autograd)
+    packed = _pack(payload, shared, state, rank, nonfinite is not None, autograd,
+                   _on_host(payload))
     _reduce(context, what, group, shared, packed, timeout)
     verify = _tail_verifier(context, what, group, shared.world, nonfinite)
     tail = packed[-_TAIL:]
@@ -705,33 +417,6 @@ def _guarded_all_reduce(buffer: Tensor, group: Any, context: SyncContext, what: 
     return packed[:numel].to(buffer.dtype)
 
 
-def _check_capturable(context: SyncContext, what: str, shared: _Shared, state: _Direction,
-                      numel: int, device: torch.device, nonfinite: Optional[str],
-                      group_name: str) -> None:
-    """Raise, before anything reaches the stream, where a call inside a CUDA-graph
-    capture would need the host (which invalidates the capture with an obscure CUDA
-    error): a layer's first call on the device (its header is read on the host, its
-    device counters are made from host numbers), or a payload wider than the group's
-    packets (a header grows them)."""
-    problem = None
-    if not state.checked or device not in state.guard or device not in shared.seq_guard:
-        problem = (f"this is its first {what} call on {device}, whose header is read on the "
-                   "host")
-    elif numel + _TAIL > shared.size:
-        problem = (f"its {what} payload ({numel} numbers) is wider than any the process group "
-                   f"has carried ({shared.size - _TAIL}), which takes a header read on the host")
-    elif nonfinite == "raise" and (context.identity, group_name, str(device)) not in (
-            _nonfinite._REPLAYS):
-        problem = ("its non-finite flag is made at an eager call with nonfinite='raise', "
-                   "and there was none")
-    if problem is not None:
-        raise RuntimeError(
-            f"{context.name}: cannot be captured in a CUDA graph: {problem}. Run one eager "
-            "training step (forward and backward, with the shapes and settings to be "
-            "captured) before capturing, as torch asks for CUDA graphs anyway. Nothing that "
-            "would invalidate the capture was done.")
-
-
 def _refuse_plain_join(shared: _Shared, state: _Direction, context: SyncContext) -> None:
     """ValueError on every rank at the first synced forward under torch's Join([ddp])
     without distnorm.joinable (see distributed.ddp_join)."""
@@ -739,14 +424,6 @@ def _refuse_plain_join(shared: _Shared, state: _Direction, context: SyncContext)
         shared.ddp = ddp_join.find_ddp()
     if shared.ddp is not None and shared.transport is None:
         ddp_join.refuse_plain_join(shared.ddp, context.name)
-
-
-def _raise_nonfinite(context: SyncContext, group: Any, bits: float) -> None:
-    hit = _ranks_in(bits, _ranks(group))
-    raise NonFiniteError(
-        f"{context.name}: non-finite values (NaN/Inf) in the input on rank(s) {hit}; "
-        "they were left out of the group statistics. Set the layer's nonfinite='skip' "
-        "(or convert_model(..., nonfinite='skip')) to go on without them.")
 
 
 # -- shadows for ranks that ran out of data (distnorm.join) ----------------------------
@@ -799,7 +476,8 @@ def shadow(call: Call, group: Any) -> List[InFlight]:
                                                             rank, mine, result)))
     shared.seq += 1
     zeros = torch.zeros(numel, dtype=torch.float64, device=call.device)
-    packet = _pack(zeros, shared, state, rank, call.nonfinite is not None, call.autograd)
+    packet = _pack(zeros, shared, state, rank, call.nonfinite is not None, call.autograd,
+                   _on_host(zeros))
     work = dist.all_reduce(packet, op=dist.ReduceOp.SUM, group=transport, async_op=True)
     verify = _tail_verifier(context, what, group, shared.world, call.nonfinite)
     issued.append(InFlight(work, packet, context, what,
