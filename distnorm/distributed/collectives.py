@@ -55,8 +55,9 @@ import os
 import time
 import weakref
 import zlib
+from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, NamedTuple, Optional
+from typing import Any, Callable, Deque, Dict, List, NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
@@ -82,6 +83,8 @@ TIMEOUT_ENV = "DISTNORM_TIMEOUT"
 # stall; a minute instead of gloo's default 30.
 DEFAULT_TIMEOUT_S = 60.0
 NONFINITE_POLICIES = ("raise", "skip")
+# Packets per group kept referenced after their collective (see _Shared.recent).
+_RECENT = 8
 
 
 def resolve_timeout(value: Optional[float] = None) -> Optional[float]:
@@ -201,6 +204,11 @@ class _Shared:
     ddp: Any = None
     # Contexts with deferred checks in flight.
     waiting: List[SyncContext] = field(default_factory=list)
+    # The last packets reduced on the group, held from Python: a gloo worker thread may
+    # drop its reference to a finished collective's tensor after the caller has; the
+    # tensor's Python object must then be released on that thread, with the GIL — which
+    # at interpreter exit (a live DDP module keeping the group) ends in std::terminate.
+    recent: Deque[Tensor] = field(default_factory=lambda: deque(maxlen=_RECENT))
 
     def drain(self) -> None:
         """Run the landed deferred checks of every layer on the group."""
@@ -300,6 +308,7 @@ def _reduce(context: SyncContext, what: str, group: Any, shared: _Shared, packet
             cause = RuntimeError(f"making distnorm's own process group timed out ({error})"
                                  if timeout is not None and waited >= 0.99 * timeout else error)
             raise _failure(context, what, group, cause, timeout, waited) from error
+    shared.recent.append(packet)
     try:
         if timeout is None:
             dist.all_reduce(packet, op=dist.ReduceOp.SUM, group=transport)
@@ -465,6 +474,7 @@ def shadow(call: Call, group: Any) -> List[InFlight]:
         shared.seq += 1
         mine = _header_row(shared, state, numel, call.autograd)
         packet = _header_packet(shared, state, rank, numel, call.autograd, call.device)
+        shared.recent.append(packet)
         work = dist.all_reduce(packet, op=dist.ReduceOp.SUM, group=transport, async_op=True)
         # The others' rows are checked once it lands; the packet size grows as theirs
         # will (every rank announces the same size when the ranks agree).
@@ -478,6 +488,7 @@ def shadow(call: Call, group: Any) -> List[InFlight]:
     zeros = torch.zeros(numel, dtype=torch.float64, device=call.device)
     packet = _pack(zeros, shared, state, rank, call.nonfinite is not None, call.autograd,
                    _on_host(zeros))
+    shared.recent.append(packet)
     work = dist.all_reduce(packet, op=dist.ReduceOp.SUM, group=transport, async_op=True)
     verify = _tail_verifier(context, what, group, shared.world, call.nonfinite)
     issued.append(InFlight(work, packet, context, what,
