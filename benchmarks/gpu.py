@@ -40,6 +40,13 @@ just before capture. Kernels, host syncs and peak memory per step too, and each
 rank's first-step (warm-up) time. The issue's targets are printed with whether each
 is met.
 
+**What ``distnorm.precise_bn`` costs** (issue 25): ResNet-50 converted with
+``convert_model(mode="sync")``, 2 images per rank at 224 px, B = 200 batches:
+``precise_bn(model, batches)`` beside B plain training-mode forwards under
+``torch.no_grad()``, interleaved, each pass timed whole with CUDA events; the ratio
+against the target of 1.2. precise_bn's per-batch exchange over the group is forced
+at W = 1 like the layers' synchronisation. Last in the plan, with time kept for it.
+
 **The device and its communicators**: the memory's peak bandwidth (from the device's
 properties) beside a large device-to-device copy, against which the per-layer
 bandwidths are given; and what an extra NCCL communicator costs (a ``new_group`` of
@@ -61,7 +68,7 @@ repetitions), ``gpu_device.py`` (the device, its group, peak and copy bandwidth,
 extra communicator's cost), ``gpu_measure.py`` (timing, capture, kernel, sync and
 memory counting), ``gpu_candidates.py`` (torch's and distnorm's layers made to
 synchronize at W = 1), ``gpu_layer.py`` (per-layer and per-variant items),
-``gpu_resnet.py`` (ResNet-50 items), ``gpu_report.py`` (merging, targets, tables);
+``gpu_resnet.py`` (ResNet-50 items), ``gpu_precise.py`` (the precise_bn item), ``gpu_report.py`` (merging, targets, tables);
 this file plans the items, runs and supervises the workers, and writes the report.
 
 Usage::
@@ -104,10 +111,12 @@ from gpu_candidates import force_distnorm_sync  # noqa: E402
 from gpu_device import (CURRENT_ITEM, Device, Poisoned, describe, device_bandwidth,  # noqa: E402
                         inject_fault, run_communicator)
 from gpu_layer import run_layer, run_layer_counts, run_variant_counts  # noqa: E402
+from gpu_precise import run_precise_bn  # noqa: E402
 from gpu_report import build_report, markdown, slug, summary  # noqa: E402
 from gpu_resnet import run_model, run_model_counts  # noqa: E402
 from gpu_settings import (BATCHES, DEFAULT_OUT, DTYPES, ITEM_TIMEOUT, LAYER_SHAPES, MAX_RESTARTS,  # noqa: E402
-                          MODEL_CONFIGS, QUICK_LAYER_SHAPES, SMOKE_BATCHES, SMOKE_LAYER_SHAPES,
+                          MODEL_CONFIGS, PRECISE_BN_BATCH, PRECISE_BN_RESERVE_S, QUICK_LAYER_SHAPES,
+                          QUICK_PRECISE_BN_RESERVE_S, SMOKE_BATCHES, SMOKE_LAYER_SHAPES,
                           SMOKE_MODEL_CONFIGS, SMOKE_VARIANT_SHAPE, VARIANT_BATCH, VARIANT_SHAPE, Settings,
                           settings_for)
 
@@ -118,7 +127,7 @@ PROGRESS_S = 2.0
 RUNNERS: dict[str, Callable[..., list[dict[str, Any]]]] = {
     "model": run_model, "layer": run_layer, "layer_counts": run_layer_counts,
     "model_counts": run_model_counts, "variant_counts": run_variant_counts,
-    "communicator": run_communicator}
+    "communicator": run_communicator, "precise_bn": run_precise_bn}
 
 
 def worker_meta(dev: Device, smoke: bool) -> dict[str, Any]:
@@ -241,13 +250,15 @@ def plan_items(smoke: bool, quick: bool, only: str | None, budget: float,
                start: float) -> list[dict[str, Any]]:
     """The extra communicator's cost first (a few seconds), then the timing items, then
     the counting ones (the profiler's CUPTI, once loaded, may slow later launches),
-    each with the time after which it is skipped."""
+    each with the time after which it is skipped; precise_bn's cost last, with time
+    kept for it."""
     shapes = SMOKE_LAYER_SHAPES if smoke else QUICK_LAYER_SHAPES if quick else LAYER_SHAPES
     batches = SMOKE_BATCHES if smoke else BATCHES
     models = SMOKE_MODEL_CONFIGS if smoke else MODEL_CONFIGS
-    # Keep time for the counts at the end (they are among the targets).
-    timing_deadline = start + budget - min(65.0, 0.3 * budget)
-    count_deadline = start + budget
+    # Keep time for the counts and precise_bn at the end (they are among the targets).
+    precise_reserve = 0.0 if smoke else QUICK_PRECISE_BN_RESERVE_S if quick else PRECISE_BN_RESERVE_S
+    timing_deadline = start + budget - min(65.0, 0.3 * budget) - precise_reserve
+    count_deadline = start + budget - precise_reserve
     items: list[dict[str, Any]] = [{"kind": "communicator", "batch": 1, "dtype": "fp32",
                                     "deadline": timing_deadline}]
     if only in (None, "model"):
@@ -264,6 +275,8 @@ def plan_items(smoke: bool, quick: bool, only: str | None, budget: float,
     if only in (None, "model"):
         items += [{"kind": "model_counts", "batch": b, "dtype": d, "deadline": count_deadline}
                   for b, d in models]
+        items.append({"kind": "precise_bn", "batch": PRECISE_BN_BATCH, "dtype": "fp32",
+                      "deadline": start + budget})
     for item in items:
         where = "x".join(map(str, [item["batch"], *item.get("shape", [])]))
         item["id"] = f"{item['kind']} {where} {item['dtype']}"
@@ -427,7 +440,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="results folder (default: ./distnorm-bench-results in the current directory; "
                              "--out benchmarks/results refreshes the committed results; --smoke: a temporary folder)")
     parser.add_argument("--only", choices=("layers", "model"), default=None,
-                        help="only the per-layer (and per-variant) or only the ResNet-50 part")
+                        help="only the per-layer (and per-variant) or only the ResNet-50 part "
+                             "(with precise_bn's cost)")
     parser.add_argument("--budget", type=float, default=None,
                         help="seconds after which items not yet started are skipped "
                              "(default 210; --quick 150)")

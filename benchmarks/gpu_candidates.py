@@ -16,8 +16,9 @@ def force_distnorm_sync() -> Callable[[], None]:
     collective at all — right for users, but on one GPU the only NCCL group has one
     rank (one GPU cannot hold two NCCL ranks), so the synced path would never run.
     The layers look their group up through the name ``resolve_group`` imported into
-    ``distnorm.modules._base`` (and ``_mixture``); this replaces that name with a
-    version that returns the group at W = 1 too.
+    ``distnorm.modules._base`` (and ``_mixture``; ``distnorm.population`` for
+    ``precise_bn``); this replaces that name with a version that returns the group
+    at W = 1 too.
     """
     import importlib
 
@@ -34,9 +35,11 @@ def force_distnorm_sync() -> Callable[[], None]:
         return group
 
     modules = []
-    for name in ("_base", "_mixture"):
+    # precise_bn (distnorm.population) counts its rounds over the group too: forced,
+    # it pays the per-batch exchange a multi-GPU job pays.
+    for name in ("modules._base", "modules._mixture", "population"):
         with contextlib.suppress(ImportError):
-            modules.append(importlib.import_module(f"distnorm.modules.{name}"))
+            modules.append(importlib.import_module(f"distnorm.{name}"))
     saved = {m: m.resolve_group for m in modules if getattr(m, "resolve_group", None) is original}
     if not saved:
         raise RuntimeError("distnorm.modules._base no longer imports resolve_group: "

@@ -13,13 +13,14 @@ from typing import Any
 from gpu_settings import (BN_CANDIDATES, DTYPES, EQUAL_TOL, IDEAL_PASSES, LABELS, LAYER_CANDIDATES,
                           MODEL_CANDIDATES, TARGET_EAGER, TARGET_GRAPHED, TARGET_KERNELS, TARGET_MEMORY,
                           TARGET_SYNCS, VARIANTS, TARGET_OWN_KERNELS, TARGET_COLLECTIVES, Settings,
-                          item_row)
+                          PRECISE_BN_CANDIDATES, TARGET_PRECISE_BN, item_row)
 
 # The candidates of each kind of item (a failed item gets a row for each, with the error).
 _CANDIDATES = {"model": MODEL_CANDIDATES, "layer": LAYER_CANDIDATES, "variant": tuple(VARIANTS),
-               "communicator": ("extra group",)}
+               "communicator": ("extra group",), "precise_bn": PRECISE_BN_CANDIDATES}
 # Phases of an item that are whole items' failures (listed once, as the item's).
-_ITEM_KINDS = ("model", "layer", "layer_counts", "model_counts", "variant_counts", "communicator")
+_ITEM_KINDS = ("model", "layer", "layer_counts", "model_counts", "variant_counts", "communicator",
+               "precise_bn")
 
 
 def build_report(records: list[dict[str, Any]], items: list[dict[str, Any]], settings: Settings, *,
@@ -72,6 +73,7 @@ def collect(records: list[dict[str, Any]], items: list[dict[str, Any]]) -> dict[
             "models": [r for r in rows if r["kind"] == "model"],
             "variants": [r for r in rows if r["kind"] == "variant"],
             "communicator": [r for r in rows if r["kind"] == "communicator"],
+            "precise_bn": [r for r in rows if r["kind"] == "precise_bn"],
             "failures": failures, "skipped": skipped}
 
 
@@ -131,6 +133,7 @@ def evaluate_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
                             "measured": f"{memory['distnorm']:.0f} MB vs {memory['local']:.0f} MB above "
                                         f"the step's start ({ratio:.3f} ×)",
                             "met": ratio <= TARGET_MEMORY})
+    targets += _precise_bn_targets(report)
     if report["meta"].get("smoke"):  # nothing a smoke run measures can meet a target
         for target in targets:
             target["met"] = None
@@ -165,6 +168,29 @@ def evaluate_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
                                  if variant_syncs else "not measured"),
                     "met": max(variant_syncs.values()) <= TARGET_SYNCS if variant_syncs else None})
     return targets
+
+
+def precise_bn_ratio(report: dict[str, Any]) -> tuple[float, float, float] | None:
+    """(precise_bn ms, forward ms, their ratio) over B batches, or None if not measured."""
+    rows = {r["candidate"]: r for r in report.get("precise_bn", [])}
+    precise, forward = _ms(rows.get("precise_bn"), "eager"), _ms(rows.get("forward"), "eager")
+    if precise is None or not forward:
+        return None
+    return precise, forward, precise / forward
+
+
+def _precise_bn_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Issue 25: precise_bn over B batches ≤ 1.2 × B plain forwards."""
+    rows = report.get("precise_bn", [])
+    if not rows:
+        return []
+    b = rows[0].get("batches", "B")
+    measured = precise_bn_ratio(report)
+    return [{"target": f"precise_bn over {b} batches of a synced ResNet-50, {rows[0]['batch']} images: "
+                       f"≤ {TARGET_PRECISE_BN:g} × {b} plain forwards",
+             "measured": ("not measured" if measured is None else
+                          f"{measured[0]:.0f} ms vs {measured[1]:.0f} ms ({measured[2]:.3f} ×)"),
+             "met": None if measured is None else measured[2] <= TARGET_PRECISE_BN}]
 
 
 def _f(value: float | None, spec: str = ".2f") -> str:
@@ -396,7 +422,8 @@ def _problems(report: dict[str, Any]) -> list[str]:
 
 
 def _all_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
-    return [r for kind in ("layers", "models", "variants", "communicator") for r in report.get(kind, [])]
+    return [r for kind in ("layers", "models", "variants", "communicator", "precise_bn")
+            for r in report.get(kind, [])]
 
 
 def _label(candidate: str) -> str:
@@ -464,6 +491,35 @@ def _communicator(report: dict[str, Any]) -> list[str]:
              "(its per-peer buffers); this is a lower bound.")]
 
 
+def _precise_bn(report: dict[str, Any]) -> list[str]:
+    """precise_bn over B batches beside B plain forwards (issue 25)."""
+    rows = {r["candidate"]: r for r in report.get("precise_bn", [])}
+    if not rows:
+        return []
+    any_row = next(iter(rows.values()))
+    b = any_row.get("batches")
+    lines = ["", (f"## distnorm.precise_bn over B = {b} batches vs B plain forwards (ResNet-50 "
+                  f"converted to sync, {any_row['batch']} images at {any_row.get('image_size')} px, "
+                  "float32; each pass timed whole, median ms)"), "",
+             "| case | ms (q1–q3) | ms per batch | host ms | first pass s |", "|---|---|---|---|---|"]
+    for name in PRECISE_BN_CANDIDATES:
+        r = rows.get(name) or {}
+        t = r.get("eager")
+        lines.append("| " + " | ".join([
+            name, "fail" if t is None and r.get("errors") else
+            "—" if t is None else f"{t['ms']:.1f} ({t['q1_ms']:.1f}–{t['q3_ms']:.1f})",
+            "—" if t is None or not b else f"{t['ms'] / b:.2f}",
+            "—" if t is None else f"{t['host_ms']:.1f}", _f(r.get("first_pass_s"))]) + " |")
+    measured = precise_bn_ratio(report)
+    used = (rows.get("precise_bn") or {}).get("samples_used")
+    lines += ["", (f"precise_bn / forward: **{_f(None if measured is None else measured[2], '.3f')}** "
+                   f"(target ≤ {TARGET_PRECISE_BN:g}); samples used: {used if used is not None else '—'}. "
+                   "precise_bn forwards the same batches with the layers normalizing as in training, "
+                   "adds per-layer float64 sums, one header all-reduce per batch (forced at W = 1, "
+                   "as a multi-GPU job pays it) and one packed all-reduce at the end.")]
+    return lines
+
+
 def markdown(report: dict[str, Any]) -> str:
     """The report as markdown. Each section is rendered on its own: one that fails
     (a malformed row, say) is replaced by a line saying so, and the rest still print."""
@@ -479,7 +535,8 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 SECTIONS: tuple[Callable[[dict[str, Any]], list[str]], ...] = (
-    _header, _targets, _models, _layers, _variants, _bandwidth, _memory, _communicator, _problems)
+    _header, _targets, _models, _layers, _variants, _bandwidth, _memory, _communicator, _precise_bn,
+    _problems)
 
 
 def summary(report: dict[str, Any]) -> str:

@@ -62,6 +62,16 @@ TARGET_OWN_KERNELS = 6     # issue 22: SyncBatchNorm's own kernels per forward +
 TARGET_COLLECTIVES = 2     # ... plus its two collectives
 TARGET_MEMORY = 1.02   # a step's peak memory (above what it starts with) ≤ 1.02 × local BN's
 
+# Issue 25: distnorm.precise_bn over B batches of a synced ResNet-50 at 2 images per
+# rank costs at most this many times B plain training-mode forwards under no_grad.
+TARGET_PRECISE_BN = 1.2
+PRECISE_BN_BATCH = 2
+PRECISE_BN_CANDIDATES = ("forward", "precise_bn")
+# Seconds kept at the end of a full (quick) run's budget for the precise_bn item, last
+# in the plan: at ~10 ms a forward, 2 × (1 + reps) passes of 200 (20) batches.
+PRECISE_BN_RESERVE_S = 20.0
+QUICK_PRECISE_BN_RESERVE_S = 8.0
+
 # Graphed vs eager step from the same state: the largest relative differences still
 # called equal (loss; parameter update; running statistics), per dtype. cuDNN's
 # backward kernels are not bitwise deterministic, so local BN's own graphed-vs-eager
@@ -72,7 +82,7 @@ MAX_RESTARTS = 4
 # Seconds an item may run before its worker dumps every thread's stack and exits (a
 # hang, e.g. in a collective); the first ResNet-50 item also compiles distnorm's kernels.
 ITEM_TIMEOUT = {"model": 180.0, "model_counts": 120.0, "layer": 60.0, "layer_counts": 60.0,
-                "variant_counts": 90.0, "communicator": 60.0}
+                "variant_counts": 90.0, "communicator": 60.0, "precise_bn": 150.0}
 
 
 @dataclass
@@ -97,17 +107,20 @@ class Settings:
     # smoke run's 32 px, ResNet-50's last stage normalizes 2 values per channel, whose
     # gradients explode at any larger rate.
     lr: float
+    # The precise_bn item: B batches per pass, timed passes of each case.
+    precise_bn_batches: int = 200
+    precise_bn_reps: int = 3
 
 
 def settings_for(smoke: bool, quick: bool, reps: int | None) -> Settings:
     """The repetitions of a ``--smoke``, ``--quick`` or full run (``reps`` overrides the
     timed eager repetitions; replays are twice as many)."""
     if smoke:
-        s = Settings(1, 2, 0, 2, 1, 0, 1, 1, 1, 1, 32, 1e-5)
+        s = Settings(1, 2, 0, 2, 1, 0, 1, 1, 1, 1, 32, 1e-5, 2, 1)
     elif quick:
-        s = Settings(3, 10, 3, 20, 3, 2, 8, 10, 2, 1, 224, 1e-4)
+        s = Settings(3, 10, 3, 20, 3, 2, 8, 10, 2, 1, 224, 1e-4, 20, 2)
     else:
-        s = Settings(5, 25, 5, 50, 3, 3, 15, 25, 3, 1, 224, 1e-4)
+        s = Settings(5, 25, 5, 50, 3, 3, 15, 25, 3, 1, 224, 1e-4, 200, 3)
     if reps:
         s.layer_reps = s.model_reps = reps
         s.replay_reps = s.model_replay_reps = 2 * reps

@@ -22,9 +22,10 @@ Usage::
     python benchmarks/precise_bn.py --batches 20 --size 128
     python benchmarks/precise_bn.py --quick           # B = 2, 32 px, 1 rep (smoke test)
 
-Results: ``<out>/precise_bn_cpu.json`` and ``<out>/precise_bn_cpu.md``; ``--out``
-defaults to ``./precise_bn_results`` (give ``--out benchmarks/results`` to update the
-committed results).
+Also ``distnorm bench precise_bn``. Results: ``<out>/precise_bn_cpu.json`` and
+``<out>/precise_bn_cpu.md``; ``--out`` defaults to ``./distnorm-bench-results`` in the
+current directory, like every benchmark (give ``--out benchmarks/results`` to update
+the committed results).
 """
 
 from __future__ import annotations
@@ -39,9 +40,8 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import Case, distnorm_provenance, machine_info, run_ranks, summarize, time_interleaved
+from _common import DEFAULT_OUT, OUT_HELP, Case, distnorm_provenance, machine_info, run_ranks, summarize, time_interleaved
 
-DEFAULT_OUT = "precise_bn_results"
 TARGET_RATIO = 1.2
 
 
@@ -123,8 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="B=2, 32 px, 1 rep (smoke test)")
-    parser.add_argument("--out", default=DEFAULT_OUT,
-                        help=f"results folder (default: ./{DEFAULT_OUT})")
+    parser.add_argument("--out", default=DEFAULT_OUT, help=OUT_HELP)
     parser.add_argument("--batches", type=int, default=None, help="batches per rank (default 200)")
     parser.add_argument("--batch", type=int, default=2, help="images per rank (default 2)")
     parser.add_argument("--size", type=int, default=None, help="image side in px (default 224)")

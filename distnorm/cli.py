@@ -5,7 +5,7 @@
     distnorm --version
     distnorm demo                     # 2-process CPU demo: synced BN over 2x2 equals BN over 4
     distnorm train --norm sync        # the detection job (examples/detection/train.py)
-    distnorm bench layer|model|gpu    # benchmarks/layer.py, model.py, gpu.py
+    distnorm bench layer|model|gpu|precise_bn  # benchmarks/layer.py, model.py, gpu.py, precise_bn.py
     distnorm slurm submit|bench|...   # Slurm through submitit
 
 Each subcommand has its own ``--help``. The detection job and the benchmarks are
@@ -37,6 +37,9 @@ BENCHMARKS = {
                           "(CPU, gloo)"),
     "gpu": ("gpu.py", "on CUDA devices: distnorm's synced layers beside torch.nn.SyncBatchNorm "
                       "(NCCL)"),
+    "precise_bn": ("precise_bn.py", "what distnorm.precise_bn costs: B batches through it "
+                                    "beside B plain forward passes of a synced ResNet-50 "
+                                    "(CPU, gloo)"),
 }
 _RESULTS = "distnorm-bench-results"
 
@@ -92,10 +95,10 @@ def _bench_parser() -> argparse.ArgumentParser:
         path = script_path("bench", file)
         where = f"benchmarks/{file}" + ("" if path else ", not in this installation")
         lines.append(textwrap.fill(f"{summary} ({where})", width=88,
-                                   initial_indent=f"  {name:6s} ", subsequent_indent=" " * 9))
+                                   initial_indent=f"  {name:10s} ", subsequent_indent=" " * 13))
     parser = argparse.ArgumentParser(
         prog="distnorm bench", formatter_class=argparse.RawDescriptionHelpFormatter,
-        usage="distnorm bench {layer,model,gpu} [ARGS ...]",
+        usage=f"distnorm bench {{{','.join(BENCHMARKS)}}} [ARGS ...]",
         description="Run one of distnorm's benchmarks; `distnorm bench NAME --help` lists "
                     "its options.\n\n" + "\n".join(lines),
         epilog="Without NAME, `distnorm bench ARGS` runs the per-layer benchmark. Results go "
@@ -107,7 +110,7 @@ def _bench_parser() -> argparse.ArgumentParser:
 
 
 def _bench(argv: List[str]) -> int:
-    """``distnorm bench [layer|model|gpu] ARGS``: run that script (default: layer)."""
+    """``distnorm bench [layer|model|gpu|precise_bn] ARGS``: run that script (default: layer)."""
     if argv and argv[0] in ("-h", "--help"):
         _bench_parser().print_help()
         return 0
@@ -167,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(examples/detection/train.py; --norm bn or a convert_model mode)")
     sub.add_parser("bench", add_help=False,
                    help="benchmarks: `bench layer` (per layer), `bench model` (per ResNet-50 "
-                        "step), `bench gpu` (CUDA)")
+                        "step), `bench gpu` (CUDA), `bench precise_bn` (its cost)")
     sub.add_parser("slurm", add_help=False,
                    help="Slurm: submit jobs (submitit), run tasks, cluster benchmark")
     return parser

@@ -124,8 +124,8 @@ def test_precise_bn_benchmark_quick_writes_to_the_current_directory(tmp_path):
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
                           check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    saved = json.loads((tmp_path / "precise_bn_results" / "precise_bn_cpu.json").read_text())
+    saved = json.loads((tmp_path / "distnorm-bench-results" / "precise_bn_cpu.json").read_text())
     results = saved["results"]
     assert results["samples_used"] == 2 * 2 * 2  # 2 ranks × 2 batches × 2 images
     assert results["ratio_wall"] > 0 and results["ratio_cpu"] > 0
-    assert "precise_bn / forward" in (tmp_path / "precise_bn_results" / "precise_bn_cpu.md").read_text()
+    assert "precise_bn / forward" in (tmp_path / "distnorm-bench-results" / "precise_bn_cpu.md").read_text()

@@ -51,12 +51,13 @@ def test_top_level_help_lists_every_command(capsys):
 
 def test_bench_help_lists_the_benchmarks(capsys):
     code, out = _run(["bench", "--help"], capsys)
-    assert code == 0 and out.startswith("usage: distnorm bench {layer,model,gpu}")
-    for name in ("layer", "model", "gpu"):
+    assert code == 0 and out.startswith("usage: distnorm bench {layer,model,gpu,precise_bn}")
+    for name in ("layer", "model", "gpu", "precise_bn"):
         assert f"benchmarks/{name}.py" in out
 
 
-@pytest.mark.parametrize("name, option", [("layer", "--shapes"), ("model", "--methods")])
+@pytest.mark.parametrize("name, option", [("layer", "--shapes"), ("model", "--methods"),
+                                          ("precise_bn", "--batches")])
 def test_each_benchmark_has_its_own_help(capsys, name, option):
     code, out = _run(["bench", name, "--help"], capsys)
     assert code == 0

@@ -109,6 +109,16 @@ def test_smoke_run_writes_every_column(smoke):
     (comm,) = report["communicator"]
     assert comm["communicator"]["backend"] == "gloo" and comm["communicator"]["create_s"] >= 0
     assert report["meta"]["bandwidth"]["copy_gb_s"] > 0
+    # Issue 25: precise_bn over B batches beside B plain forwards, last in the plan; its
+    # per-batch header exchange forced over the one-rank group like the layers' sync.
+    precise = {r["candidate"]: r for r in report["precise_bn"]}
+    assert set(precise) == {"forward", "precise_bn"}
+    for row in precise.values():
+        assert row["eager"]["ms"] > 0 and not row["errors"] and row["batches"] == 2, row
+    assert precise["precise_bn"]["samples_used"] == 2 * 2
+    assert precise["precise_bn"]["collectives"]["all_reduce int64"] == 2 + 1  # a header per round
+    assert "## distnorm.precise_bn over B = 2 batches" in md and "precise_bn / forward" in md
+    assert any(t["target"].startswith("precise_bn over 2 batches") for t in report["targets"])
     assert report["meta"]["complete"] is True
 
     # The report: sections, ratio columns, the targets (never "met" in a smoke run).
@@ -246,7 +256,9 @@ def test_overhead_ratio_and_targets_on_made_up_rows():
                            {"kind": "variant", "candidate": "brn", "batch": 2, "dtype": "fp32", "errors": {},
                             "counts": {"kernels": 9.0, "collective_kernels": 2.0}, "host_syncs": 1.0}],
               "layers": [row("distnorm", 1.0, 0.1, kind="layer", shape=[2, 64, 56, 56],
-                             counts={"kernels": 12.0, "memcpy": 1.0, "memset": 0.0}, host_syncs=0.0)]}
+                             counts={"kernels": 12.0, "memcpy": 1.0, "memset": 0.0}, host_syncs=0.0)],
+              "precise_bn": [row("forward", 1000.0, 0.0, kind="precise_bn", batches=200),
+                             row("precise_bn", 1150.0, 0.0, kind="precise_bn", batches=200)]}
     assert gpu.overhead_ratio(19.0, 30.0, 10.0) == pytest.approx(0.45)
     assert gpu.overhead_ratio(19.0, 9.0, 10.0) is None  # torch no slower than local
     met = {t["target"].split(":")[0]: t["met"] for t in gpu.evaluate_targets(report)}
@@ -257,6 +269,10 @@ def test_overhead_ratio_and_targets_on_made_up_rows():
     assert met["ResNet-50 step peak memory, batch 2, float32 NCHW"] is False                # 1.03 > 1.02
     assert met["SyncBatchNorm"] is True                     # 6 own + 2 collectives
     assert met["0 host syncs per layer forward + backward, every synced variant"] is False   # BRN: 1
+    assert met["precise_bn over 200 batches of a synced ResNet-50, 2 images"] is True       # 1.15 ≤ 1.2
+    report["precise_bn"][1]["eager"]["ms"] = 1250.0
+    met = {t["target"].split(":")[0]: t["met"] for t in gpu.evaluate_targets(report)}
+    assert met["precise_bn over 200 batches of a synced ResNet-50, 2 images"] is False
     assert gpu.slug("NVIDIA H200") == "nvidia_h200"
     assert _load("gpu_measure").sync_warnings(["UserWarning: called a synchronizing CUDA operation (Triggered internally at ...)\nmore",
                               "some other warning"]) == [
