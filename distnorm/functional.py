@@ -24,7 +24,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
-from . import cuda_ops, kernels
+from . import _native_cuda, cuda_ops, kernels
 from .cuda_ops import Running, Stats
 from .distributed.collectives import SyncContext, Written, all_reduce
 from .errors import SyncError
@@ -253,11 +253,14 @@ def sync_batch_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
     update (``running``, or ``None``) and normalization.
 
     Where :func:`distnorm.cuda_ops.applies` (CUDA), six Triton launches and two
-    all-reduces per training step; elsewhere :func:`distnorm.stats.group_moments`,
+    all-reduces per training step; on CUDA without Triton, torch's native
+    SyncBatchNorm kernels (:mod:`distnorm._native_cuda`); elsewhere :func:`distnorm.stats.group_moments`,
     :func:`update_running_stats` and :func:`batch_norm_with_moments`.
     """
     if cuda_ops.applies(x):
         return _SyncBatchNorm.apply(x, weight, bias, running, eps, group, context)
+    if _native_cuda.applies(x):  # CUDA without Triton: torch's SyncBatchNorm kernels
+        return _native_cuda.sync_batch_norm(x, weight, bias, running, eps, group, context)
     moments = group_moments(x, group, context=context)
     if running is not None:
         update_running_stats(running.mean, running.var, running.tracked, moments,
