@@ -106,20 +106,51 @@ def _template(spec: Any, numel: int) -> Tensor:
     return value
 
 
-def pack(parts: List[Tensor], numel: int, spec: Optional[Any]) -> Tensor:
-    """The float64 packet of a payload given as ``parts`` (``numel`` numbers): the
-    plain payload for ``spec`` None, else what ``collectives._pack_on_device``
-    computes — the payload, zeros, the guard's tail with the call and sequence
-    counters advanced on the device (``spec.guard``, ``spec.seq``) — in eager ops:
-    two-number counters advanced together, the constant middle cached, one ``cat``."""
-    if spec is None:
-        return torch.cat(parts)
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _host_tail(spec: Any, numel: int, device: torch.device) -> Tensor:
+    """``[0 × pad, flag 0, nograd, 0, tag, tag², mode, mode², call, call², seq, seq²]``
+    from the host's numbers: one asynchronous copy from pinned memory (none where the
+    device is the host)."""
+    pad = spec.size - numel - 11
+    tag, call, seq = spec.host
+    values = [0.0] * (pad + 1) + [spec.nograd, 0.0, tag, tag * tag, spec.mode,
+                                  spec.mode * spec.mode, call, call * call, seq, seq * seq]
+    if device.type == "cpu":
+        return torch.tensor(values, dtype=torch.float64)
+    return torch.tensor(values, dtype=torch.float64, pin_memory=True).to(device, non_blocking=True)
+
+
+def _device_tail(spec: Any, numel: int) -> Tensor:
+    """The same tail from the device counters, advanced in place (what a CUDA-graph
+    replay must do): the two counters together, the constant middle cached."""
     device = spec.guard.device
     counters = torch.cat([spec.guard[2:3], spec.seq[:1]]).add_(1).remainder_(spec.modulus)
     # [[call, call²], [seq, seq²]] in one op
     advanced = torch.pow(counters.view(2, 1), _constant(device, torch.float64, ((1.0, 2.0),)))
     torch._foreach_copy_([spec.guard[2:4], spec.seq], [advanced[0], advanced[1]])
-    packet = torch.cat(parts + [_template(spec, numel), advanced.view(-1)])
+    return torch.cat([_template(spec, numel), advanced.view(-1)])
+
+
+def pack(parts: List[Tensor], numel: int, spec: Optional[Any]) -> Tensor:
+    """The float64 packet of a payload given as ``parts`` (``numel`` numbers): the
+    plain payload for ``spec`` None, else what ``collectives._pack_on_device``
+    computes — the payload, zeros, the guard's tail — in a few eager ops.
+
+    Outside a CUDA-graph capture the tail comes from the host's counters
+    (``spec.host``, one pinned copy): they equal the device counters on
+    every rank alike, and the guard only compares ranks. Inside a capture the
+    device counters are advanced, so that replays advance them."""
+    device = parts[0].device
+    if spec is None:
+        return torch.cat(parts)
+    if _capturing(device):
+        tail = _device_tail(spec, numel)
+    else:
+        tail = _host_tail(spec, numel, device)
+    packet = torch.cat(parts + [tail])
     if spec.check:
         # A NaN or ±Inf anywhere makes the sum non-finite, and s − s NaN: the payload
         # goes as zeros and the flag (right after the padding) as this rank's bit.
@@ -149,39 +180,40 @@ def _moment_sums(x: Tensor) -> Tuple[Tensor, Tensor]:
 
 
 def _mean_invstd(sums: Tensor, channels: int, eps: float, dtype: torch.dtype
-                 ) -> Tuple[Tensor, Tensor]:
-    """``([μ; σ²] float64, [μ; 1/sqrt(σ² + eps)] in dtype)`` from reduced sums; a
-    group with no element gives zeros (the count clamped to 1)."""
-    moments = sums[1:packed_size(channels)].view(2, channels) / sums[:1].clamp(min=1)
+                 ) -> Tuple[Tensor, Tensor, Tensor]:
+    """``([μ; σ²] float64, [μ; 1/sqrt(σ² + eps)] in dtype, divisors)`` from reduced
+    sums, ``divisors`` being ``[[max(M, 1)], [max(M − 1, 1)]]`` (the running update's
+    Bessel correction is their ratio); a group with no element gives zeros."""
+    device = sums.device
+    divisors = (sums[:1] - _constant(device, torch.float64, ((0.0,), (1.0,)))).clamp_(min=1)
+    moments = sums[1:packed_size(channels)].view(2, channels) / divisors[:1]
     moments[1].addcmul_(moments[0], moments[0], value=-1).clamp_(min=0)
-    mean_invstd = torch.empty((2, channels), dtype=dtype, device=sums.device)
-    torch.pow(moments + _constant(sums.device, torch.float64, ((0.0,), (eps,))),
-              _constant(sums.device, torch.float64, ((1.0,), (-0.5,))), out=mean_invstd)
-    return moments, mean_invstd
+    mean_invstd = torch.empty((2, channels), dtype=dtype, device=device)
+    torch.pow(moments + _constant(device, torch.float64, ((0.0,), (eps,))),
+              _constant(device, torch.float64, ((1.0,), (-0.5,))), out=mean_invstd)
+    return moments, mean_invstd, divisors
 
 
-def _update_running(sums: Tensor, moments: Tensor, running: cuda_ops.Running) -> None:
+def _update_running(sums: Tensor, moments: Tensor, divisors: Tensor,
+                    running: cuda_ops.Running) -> None:
     """torch's running update with the group moments, in place, without a host read:
     nothing changes for an empty group; half-precision buffers are updated in
     float32 and saturate at their largest finite value (as
     :func:`distnorm.functional.update_running_stats`)."""
-    count = sums[0]
-    has_data = count > 0
+    has_data = sums[0] > 0
     if running.tracked is not None:
         running.tracked.add_(has_data)
     dtype = running.mean.dtype if running.mean.dtype in (torch.float32, torch.float64) \
         else torch.float32
-    device = sums.device
     if running.momentum is None:
         if running.tracked is None:
             raise ValueError("momentum=None (a cumulative average) needs num_batches_tracked")
         factor = (has_data / running.tracked.clamp(min=1)).to(dtype)
     else:
-        factor = has_data * _constant(device, dtype, ((float(running.momentum),),)).view(())
+        factor = has_data * _constant(sums.device, dtype, ((float(running.momentum),),)).view(())
     # [μ; σ²·M/(M − 1)] (M ≤ 1: σ², which is 0) in the update's dtype
-    correction = count / (count - _constant(device, torch.float64, ((0.0,), (1.0,)))).clamp_(min=1)
     target = torch.empty_like(moments, dtype=dtype)
-    torch.mul(moments, correction, out=target)
+    torch.mul(moments, divisors[:1] / divisors, out=target)
     for buffer, stat in ((running.mean, target[0]), (running.var, target[1])):
         if buffer.dtype == dtype:
             buffer.lerp_(stat, factor)
@@ -214,9 +246,9 @@ class _NativeSyncBatchNorm(torch.autograd.Function):
             sums = all_reduce(payload, group, context, "forward",
                               context.nonfinite if context is not None else None)
             dtype = stats_dtype(x)
-            moments, mean_invstd = _mean_invstd(sums, channels, eps, dtype)
+            moments, mean_invstd, divisors = _mean_invstd(sums, channels, eps, dtype)
             if running is not None:
-                _update_running(sums, moments, running)
+                _update_running(sums, moments, divisors, running)
             if x.numel():
                 y = batch_norm_elemt(x, None if weight is None else weight.to(dtype),
                                      None if bias is None else bias.to(dtype),

@@ -84,7 +84,7 @@ import time
 import weakref
 import zlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, NamedTuple, Optional
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -447,6 +447,10 @@ class DevicePacket(NamedTuple):
     nograd: float
     mode: float
     modulus: int
+    # The host's (tag, call, seq) of this call (what the device guard holds unless a
+    # CUDA-graph replay advanced it): a packer that writes the tail from the host
+    # (distnorm._native_cuda, outside a capture) reads these instead.
+    host: Tuple[float, float, float] = (0.0, 0.0, 0.0)
 
 
 class Written:
@@ -506,7 +510,9 @@ def _pack(payload: Any, shared: _Shared, state: _Direction, rank: int, check: bo
             [seq, seq * seq], dtype=torch.float64).to(device)
     if isinstance(payload, Written) or cuda_ops.applies(payload):
         spec = DevicePacket(shared.size, guard, seq_guard, bit, check, nograd,
-                            0.0 if autograd else 1.0, _MOD)
+                            0.0 if autograd else 1.0, _MOD,
+                            (float(state.tag), float(state.calls % _MOD),
+                             float(shared.seq % _MOD)))
         return payload.write(spec) if isinstance(payload, Written) else cuda_ops.pack(payload, spec)
     return kernels.fused(_pack_on_device, payload, guard, bit, check, seq_guard, pad, nograd)
 
