@@ -110,17 +110,27 @@ def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
-def _host_tail(spec: Any, numel: int, device: torch.device) -> Tensor:
-    """``[0 × pad, flag 0, nograd, 0, tag, tag², mode, mode², call, call², seq, seq²]``
-    from the host's numbers: one asynchronous copy from pinned memory (none where the
-    device is the host)."""
-    pad = spec.size - numel - 11
+def _host_tail(spec: Any, numel: int, device: torch.device) -> List[Tensor]:
+    """The packet after the payload, ``[0 × pad, flag 0, nograd, 0, tag, tag², mode,
+    mode², call, call², seq, seq²]``, from the host's numbers: the zeros cached on
+    the device, the 11 numbers in one asynchronous copy from pinned memory (none
+    where the device is the host)."""
     tag, call, seq = spec.host
-    values = [0.0] * (pad + 1) + [spec.nograd, 0.0, tag, tag * tag, spec.mode,
-                                  spec.mode * spec.mode, call, call * call, seq, seq * seq]
+    values = [0.0, spec.nograd, 0.0, tag, tag * tag, spec.mode, spec.mode * spec.mode,
+              call, call * call, seq, seq * seq]
     if device.type == "cpu":
-        return torch.tensor(values, dtype=torch.float64)
-    return torch.tensor(values, dtype=torch.float64, pin_memory=True).to(device, non_blocking=True)
+        tail = torch.tensor(values, dtype=torch.float64)
+    else:
+        tail = torch.tensor(values, dtype=torch.float64, pin_memory=True).to(
+            device, non_blocking=True)
+    pad = spec.size - numel - 11
+    if not pad:
+        return [tail]
+    key = ("zeros", device, pad)
+    zeros = _constants.get(key)
+    if zeros is None:
+        zeros = _constants[key] = torch.zeros(pad, dtype=torch.float64, device=device)
+    return [zeros, tail]
 
 
 def _device_tail(spec: Any, numel: int) -> Tensor:
@@ -147,10 +157,10 @@ def pack(parts: List[Tensor], numel: int, spec: Optional[Any]) -> Tensor:
     if spec is None:
         return torch.cat(parts)
     if _capturing(device):
-        tail = _device_tail(spec, numel)
+        tail = [_device_tail(spec, numel)]
     else:
         tail = _host_tail(spec, numel, device)
-    packet = torch.cat(parts + [tail])
+    packet = torch.cat(parts + tail)
     if spec.check:
         # A NaN or ±Inf anywhere makes the sum non-finite, and s − s NaN: the payload
         # goes as zeros and the flag (right after the padding) as this rank's bit.
