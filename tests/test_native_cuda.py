@@ -342,3 +342,40 @@ def test_distnorm_triton_0_selects_the_native_path(monkeypatch):
     with pytest.raises(AttributeError):  # the stubbed group_moments returns None
         functional.sync_batch_norm(x, None, None, None, 1e-5, None)
     assert taken == ["generic"]
+
+
+# -- the non-finite check --------------------------------------------------------------------
+def _w_nonfinite(rank: int, world: int, policy: str) -> Dict[str, Any]:
+    """Two training steps, rank 1's first input holding a NaN."""
+    from distnorm.errors import NonFiniteError
+
+    layer = distnorm.convert_model(nn.Sequential(nn.BatchNorm2d(3)), mode="sync")[0]
+    layer.nonfinite = policy
+    out: Dict[str, Any] = {}
+    with native_path():
+        try:
+            for step in range(2):
+                x = torch.arange(24.0).view(2, 3, 2, 2) * (rank + 1)
+                if rank == 1 and step == 0:
+                    x[0, 1, 0, 0] = float("nan")
+                out[f"y{step}"] = layer(x).detach()
+        except NonFiniteError as error:
+            out["error"], out["raised_at"] = str(error), step
+    out["running_mean"] = layer.running_mean.clone()
+    return out
+
+
+@pytest.mark.parametrize("policy", ["raise", "skip"])
+def test_a_non_finite_rank_is_left_out_and_raised(policy, world2):
+    """A rank with a NaN contributes zeros to the statistics (the finite rank's output
+    is its local BatchNorm's); with "raise" every rank raises at the next call,
+    naming that rank."""
+    results = world2.run(_w_nonfinite, policy)
+    x0 = torch.arange(24.0).view(2, 3, 2, 2)
+    want = nn.functional.batch_norm(x0, None, None, training=True)
+    torch.testing.assert_close(results[0]["y0"], want, rtol=1e-5, atol=1e-5)
+    for out in results:
+        if policy == "raise":
+            assert "rank(s) [1]" in out["error"] and out["raised_at"] == 1, out
+        else:
+            assert "error" not in out and torch.isfinite(out["running_mean"]).all(), out
