@@ -18,49 +18,24 @@ output takes the input's dtype.
 
 from __future__ import annotations
 
-import weakref
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
 
-from . import cuda_ops, kernels
+from . import _native_cuda, cuda_ops, kernels
 from .cuda_ops import Running, Stats
 from .distributed.collectives import SyncContext, Written, all_reduce
-from .errors import SyncError
+from ._autograd_group import _backward_policy, _strong, _weak
 from .stats import Moments, group_moments, group_sums, stats_dtype
 
 __all__ = ["batch_norm_with_moments", "group_moments_with_grad", "sync_batch_norm",
            "update_running_stats"]
 
 
-def _weak(group: Optional[Any]) -> Optional[Callable[[], Any]]:
-    """What a Function's ctx keeps of its group: a weak reference, so that an output
-    kept alive (a script's last loss) does not keep a destroyed process group — and
-    its gloo threads — alive into interpreter shutdown."""
-    return None if group is None else weakref.ref(group)
-
-
-def _strong(ref: Optional[Callable[[], Any]]) -> Optional[Any]:
-    if ref is None:
-        return None
-    group = ref()
-    if group is None:
-        raise SyncError("a synced layer's backward ran after its process group was "
-                        "destroyed: call backward before destroy_process_group")
-    return group
-
-
 def _channel_view(t: Tensor, x: Tensor) -> Tensor:
     """``(C,)`` → ``(1, C, 1, …)`` broadcastable against ``x``."""
     return t.view((1, -1) + (1,) * (x.dim() - 2))
-
-
-def _backward_policy(context: Optional[SyncContext]) -> Optional[str]:
-    """A rank left out of the forward statistics (``nonfinite="skip"``) stays out of
-    their gradient; non-finite gradients never raise (AMP's loss scaler expects them
-    and skips the step)."""
-    return "skip" if context is not None and context.nonfinite == "skip" else None
 
 
 def _cast(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
@@ -253,11 +228,14 @@ def sync_batch_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
     update (``running``, or ``None``) and normalization.
 
     Where :func:`distnorm.cuda_ops.applies` (CUDA), six Triton launches and two
-    all-reduces per training step; elsewhere :func:`distnorm.stats.group_moments`,
+    all-reduces per training step; on CUDA without Triton, torch's native
+    SyncBatchNorm kernels (:mod:`distnorm._native_cuda`); elsewhere :func:`distnorm.stats.group_moments`,
     :func:`update_running_stats` and :func:`batch_norm_with_moments`.
     """
     if cuda_ops.applies(x):
         return _SyncBatchNorm.apply(x, weight, bias, running, eps, group, context)
+    if _native_cuda.applies(x):  # CUDA without Triton: torch's SyncBatchNorm kernels
+        return _native_cuda.sync_batch_norm(x, weight, bias, running, eps, group, context)
     moments = group_moments(x, group, context=context)
     if running is not None:
         update_running_stats(running.mean, running.var, running.tracked, moments,

@@ -24,7 +24,9 @@ more often than a local ``nn.BatchNorm`` does:
   only: there every eager op is a kernel launch and host time.
 
 On CUDA the hand-written Triton kernels of :mod:`distnorm.cuda_ops` take precedence;
-these compiled kernels serve there only without Triton or with ``DISTNORM_TRITON=0``.
+these compiled kernels serve there only without Triton or with ``DISTNORM_TRITON=0``,
+and then not for ``SyncBatchNorm`` (torch's native kernels, :mod:`distnorm._native_cuda`)
+but for the other synced variants.
 
 When they apply: float32 / float16 / bfloat16 tensors, contiguous or channels_last,
 in eager mode (inside a user's ``torch.compile`` the callers' plain expressions are

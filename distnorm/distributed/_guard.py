@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, NamedTuple, Optional
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -153,6 +153,10 @@ class DevicePacket(NamedTuple):
     nograd: float
     mode: float
     modulus: int
+    # The host's (tag, call, seq) of this call (what the device guard holds unless a
+    # CUDA-graph replay advanced it): a packer that writes the tail from the host
+    # (distnorm._native_cuda, outside a capture) reads these instead.
+    host: Tuple[float, float, float] = (0.0, 0.0, 0.0)
 
 
 class Written:
@@ -213,7 +217,9 @@ def _pack(payload: Any, shared: Any, state: _Direction, rank: int, check: bool,
             [seq, seq * seq], dtype=torch.float64).to(device)
     if isinstance(payload, Written) or cuda_ops.applies(payload):
         spec = DevicePacket(shared.size, guard, seq_guard, bit, check, nograd,
-                            0.0 if autograd else 1.0, _MOD)
+                            0.0 if autograd else 1.0, _MOD,
+                            (float(state.tag), float(state.calls % _MOD),
+                             float(shared.seq % _MOD)))
         return payload.write(spec) if isinstance(payload, Written) else cuda_ops.pack(payload, spec)
     return kernels.fused(_pack_on_device, payload, guard, bit, check, seq_guard, pad, nograd)
 
