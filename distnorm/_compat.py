@@ -8,20 +8,23 @@ tests/test_compat.py) rather than a layer. This module imports nothing of distno
   cross-iteration layer reads the convolution or linear layer that produced its
   input (see :mod:`distnorm.modules._producer`);
 * ``torch._dynamo.config.disable``, which the compiled kernels respect;
-* ``torch.distributed._functional_collectives``, the collectives torch.compile traces.
+* ``torch.distributed._functional_collectives``, the collectives torch.compile traces;
+* ``torch.distributed.distributed_c10d._world.group_count``, the counter torch names
+  new process groups by (:func:`group_names_from`).
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from contextlib import contextmanager
 from types import ModuleType
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from torch import Tensor
 
-__all__ = ["accumulated_leaf", "dynamo_disabled", "functional_collectives", "node_name",
-           "saved_argument"]
+__all__ = ["accumulated_leaf", "dynamo_disabled", "functional_collectives", "group_names_from",
+           "node_name", "saved_argument"]
 
 
 def saved_argument(node: Any, name: str) -> Any:
@@ -65,3 +68,20 @@ def functional_collectives() -> ModuleType:
     import torch.distributed._functional_collectives as funcol
 
     return funcol
+
+
+@contextmanager
+def group_names_from(start: int) -> Iterator[None]:
+    """Groups made inside take torch's automatic names from ``start`` on; the counter
+    is restored afterwards. A group made by some ranks only
+    (``use_local_synchronization``) would otherwise advance the counter on those ranks
+    alone, and every later group would be named differently across ranks."""
+    import torch.distributed.distributed_c10d as c10d
+
+    world = c10d._world
+    saved = world.group_count
+    world.group_count = start
+    try:
+        yield
+    finally:
+        world.group_count = saved

@@ -67,3 +67,14 @@ def test_dynamo_switch_and_functional_collectives():
                              text=True, timeout=120, check=True)
         # torch.compile runs the plain function under either switch, and we say so
         assert out.stdout.split() == ["True", "False"], (variable, out.stdout, out.stderr)
+
+
+def test_group_names_from_sets_and_restores_torch_counter():
+    import torch.distributed.distributed_c10d as c10d
+
+    from distnorm._compat import group_names_from
+
+    before = c10d._world.group_count
+    with group_names_from(before + 12345):
+        assert c10d._world.group_count == before + 12345
+    assert c10d._world.group_count == before

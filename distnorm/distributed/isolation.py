@@ -47,6 +47,8 @@ from typing import Any, List, Optional
 import torch
 import torch.distributed as dist
 
+from .._compat import group_names_from
+
 __all__ = ["ISOLATE_ENV", "isolating", "own_group", "transport"]
 
 ISOLATE_ENV = "DISTNORM_ISOLATE"
@@ -134,14 +136,9 @@ def _new_group_like(group: Any, wait: Optional[float]) -> Any:
     if wait is not None:
         deadline = datetime.timedelta(seconds=wait)
         bounded = deadline if keep is None else min(keep, deadline)
-    world = dist.distributed_c10d._world
-    saved = world.group_count
-    world.group_count = _NAME_SPACE + zlib.crc32(f"distnorm|{group.group_name}".encode())
-    try:
+    with group_names_from(_NAME_SPACE + zlib.crc32(f"distnorm|{group.group_name}".encode())):
         own = dist.new_group(ranks, timeout=bounded, backend=str(dist.get_backend(group)),
                              use_local_synchronization=True, group_desc="distnorm")
-    finally:
-        world.group_count = saved
     if keep is not None and keep != bounded and hasattr(dist.distributed_c10d, "set_timeout"):
         dist.distributed_c10d.set_timeout(keep, own)
     return own
