@@ -20,11 +20,10 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 import distnorm
+from tests._device_cases import SIZES, STEPS, batch_norm, loss_weights, shards, tolerance
 from distnorm import _native_cuda, cuda_ops, functional
 from distnorm.distributed import collectives
 
-SIZES = [3, 0, 2]  # uneven, one empty rank (world3)
-STEPS = 2  # the second runs the first one's deferred guard checks
 CASES = {  # name: (input shape after N, channels_last, dtype, .half() model)
     "nchw": ((4, 5, 5), False, torch.float32, False),
     "channels_last": ((4, 3, 5), True, torch.float32, False),
@@ -132,67 +131,30 @@ _KERNELS = {"batch_norm_stats": ref_stats, "batch_norm_elemt": ref_elemt,
 
 
 # -- parity ------------------------------------------------------------------------------------
-def _shards(step: int, case: str) -> List[Tensor]:
-    rest, channels_last, dtype, _ = CASES[case]
-    gen = torch.Generator().manual_seed(step)
-    shards = []
-    for n in SIZES:
-        x = (torch.randn((n,) + rest, generator=gen, dtype=torch.float64) * 3 + 10).to(dtype)
-        if channels_last:
-            x = x.movedim(1, -1).contiguous().movedim(-1, 1)
-        shards.append(x)
-    return shards
-
-
-def _bn(case: str) -> nn.Module:
-    rest, _, dtype, half = CASES[case]
-    bn = {2: nn.BatchNorm1d, 3: nn.BatchNorm2d}[len(rest)](4)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        bn.weight.uniform_(0.5, 1.5)
-        bn.bias.uniform_(-1, 1)
-    if dtype == torch.float64:
-        return bn.double()
-    return bn.half() if half else bn
-
-
-def _loss_weights(x: Tensor) -> Tensor:
-    return torch.arange(1.0, 5.0, dtype=torch.float64).view((1, 4) + (1,) * (x.dim() - 2))
-
-
 def _w_steps(rank: int, world: int, case: str, device_counters: bool = False
              ) -> Dict[str, Any]:
-    layer = distnorm.convert_model(_bn(case), mode="sync")
+    layer = distnorm.convert_model(batch_norm(CASES[case]), mode="sync")
     out: Dict[str, Any] = {"y": [], "dx": []}
     capturing = _native_cuda._capturing
     if device_counters:  # the guard's tail as inside a CUDA-graph capture
         _native_cuda._capturing = lambda device: True
     with native_path():
         for step in range(STEPS):
-            x = _shards(step, case)[rank].requires_grad_()
+            x = shards(CASES[case], step)[rank].requires_grad_()
             y = layer(x)
-            (y.double() * _loss_weights(x)).sum().backward()
+            (y.double() * loss_weights(x)).sum().backward()
             out["y"].append(y.detach())
             out["dx"].append(x.grad)
         out.update({k: v.detach().clone() for k, v in layer.state_dict().items()})
         out.update(weight_grad=layer.weight.grad, bias_grad=layer.bias.grad)
         # an empty group: every rank's slice empty; the running statistics stay
-        empty = _shards(0, case)[1].requires_grad_()
+        empty = shards(CASES[case], 0)[1].requires_grad_()
         y = layer(empty)
         y.sum().backward()
         out["after_empty"] = {k: v.detach().clone() for k, v in layer.state_dict().items()}
-        layer(_shards(0, case)[rank])  # the empty step's deferred checks run here
+        layer(shards(CASES[case], 0)[rank])  # the empty step's deferred checks run here
     _native_cuda._capturing = capturing
     return out
-
-
-def _tolerance(case: str) -> Dict[str, float]:
-    dtype = CASES[case][2]
-    if dtype == torch.float64:
-        return dict(rtol=1e-9, atol=1e-9)
-    if dtype == torch.float32:
-        return dict(rtol=1e-4, atol=1e-4)
-    return dict(rtol=2e-2, atol=5e-2)
 
 
 @pytest.mark.parametrize("case,device_counters", [(case, False) for case in CASES]
@@ -204,17 +166,17 @@ def test_sync_batch_norm_matches_batch_norm_of_the_concatenated_batch(case, devi
     on the whole batch; an empty group changes no running statistic. Also with the
     guard's counters advanced on the device (what a CUDA-graph capture records)."""
     results = world3.run(_w_steps, case, device_counters)
-    ref = _bn(case)
-    tol = _tolerance(case)
+    ref = batch_norm(CASES[case])
+    tol = tolerance(CASES[case])
     for step in range(STEPS):
-        shards = _shards(step, case)
-        x = torch.cat(shards).detach().requires_grad_()
+        inputs = shards(CASES[case], step)
+        x = torch.cat(inputs).detach().requires_grad_()
         y = ref(x)
-        (y.double() * _loss_weights(x)).sum().backward()
+        (y.double() * loss_weights(x)).sum().backward()
         for rank, (ys, dxs) in enumerate(zip(y.split(SIZES), x.grad.split(SIZES))):
             got = results[rank]
             assert got["y"][step].dtype == ys.dtype
-            assert got["y"][step].stride() == shards[rank].stride() or not ys.numel()
+            assert got["y"][step].stride() == inputs[rank].stride() or not ys.numel()
             torch.testing.assert_close(got["y"][step].double(), ys.double(), **tol)
             torch.testing.assert_close(got["dx"][step].double(), dxs.double(), **tol)
     for rank in range(3):

@@ -19,13 +19,12 @@ import torch
 from torch import nn
 
 import distnorm
+from tests._device_cases import SIZES, STEPS, batch_norm, loss_weights, shards, tolerance
 from tests._triton_path import INTERPRETED, triton_path
 
 pytestmark = pytest.mark.skipif(not INTERPRETED, reason="run by "
                                 "test_triton_path_in_the_interpreter in a child process")
 
-SIZES = [3, 0, 2]  # uneven, one empty rank (world3)
-STEPS = 2  # the second runs the first one's deferred guard checks
 CASES = {  # name: (input shape after N, channels_last, dtype, .half() model)
     "nchw": ((4, 5, 5), False, torch.float32, False),
     "channels_last": ((4, 3, 5), True, torch.float32, False),
@@ -36,42 +35,14 @@ CASES = {  # name: (input shape after N, channels_last, dtype, .half() model)
 }
 
 
-def _shards(step: int, case: str) -> List[torch.Tensor]:
-    rest, channels_last, dtype, _ = CASES[case]
-    gen = torch.Generator().manual_seed(step)
-    shards = []
-    for n in SIZES:
-        x = (torch.randn((n,) + rest, generator=gen, dtype=torch.float64) * 3 + 10).to(dtype)
-        if channels_last:
-            x = x.movedim(1, -1).contiguous().movedim(-1, 1)
-        shards.append(x)
-    return shards
-
-
-def _bn(case: str) -> nn.Module:
-    rest, _, _, half = CASES[case]
-    bn = {1: nn.BatchNorm1d, 2: nn.BatchNorm1d, 3: nn.BatchNorm2d, 4: nn.BatchNorm3d}[len(rest)](4)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        bn.weight.uniform_(0.5, 1.5)
-        bn.bias.uniform_(-1, 1)
-    if CASES[case][2] == torch.float64:
-        return bn.double()
-    return bn.half() if half else bn
-
-
-def _loss_weights(x: torch.Tensor) -> torch.Tensor:
-    return torch.arange(1.0, 5.0, dtype=torch.float64).view((1, 4) + (1,) * (x.dim() - 2))
-
-
 def _w_steps(rank: int, world: int, mode: str, case: str, triton: bool) -> Dict[str, Any]:
-    layer = distnorm.convert_model(_bn(case), mode=mode)
+    layer = distnorm.convert_model(batch_norm(CASES[case]), mode=mode)
     out: Dict[str, Any] = {"y": [], "dx": []}
     with triton_path() if triton else nullcontext():
         for step in range(STEPS):  # the deferred checks of step k run at step k + 1
-            x = _shards(step, case)[rank].requires_grad_()
+            x = shards(CASES[case], step)[rank].requires_grad_()
             y = layer(x)
-            (y.double() * _loss_weights(x)).sum().backward()
+            (y.double() * loss_weights(x)).sum().backward()
             out["y"].append(y.detach())
             out["dx"].append(x.grad)
     out.update({k: v.detach().clone() for k, v in layer.state_dict().items()
@@ -80,31 +51,22 @@ def _w_steps(rank: int, world: int, mode: str, case: str, triton: bool) -> Dict[
     return out
 
 
-def _tolerance(case: str) -> Dict[str, float]:
-    dtype = CASES[case][2]
-    if dtype == torch.float64:
-        return dict(rtol=1e-9, atol=1e-9)
-    if dtype == torch.float32:
-        return dict(rtol=1e-4, atol=1e-4)
-    return dict(rtol=2e-2, atol=5e-2)
-
-
 @pytest.mark.parametrize("case", list(CASES))
 def test_sync_batch_norm_matches_batch_norm_of_the_concatenated_batch(case, world3):
     """SyncBatchNorm on the Triton path: outputs, input gradients, summed parameter
     gradients and running statistics equal nn.BatchNorm's on the whole batch."""
     results = world3.run(_w_steps, "sync", case, True)
-    ref = _bn(case)
-    tol = _tolerance(case)
+    ref = batch_norm(CASES[case])
+    tol = tolerance(CASES[case])
     for step in range(STEPS):
-        shards = _shards(step, case)
-        x = torch.cat(shards).detach().requires_grad_()
+        inputs = shards(CASES[case], step)
+        x = torch.cat(inputs).detach().requires_grad_()
         y = ref(x)
-        (y.double() * _loss_weights(x)).sum().backward()
+        (y.double() * loss_weights(x)).sum().backward()
         for rank, (ys, dxs) in enumerate(zip(y.split(SIZES), x.grad.split(SIZES))):
             got = results[rank]
             assert got["y"][step].dtype == ys.dtype
-            assert got["y"][step].stride() == shards[rank].stride() or not ys.numel()
+            assert got["y"][step].stride() == inputs[rank].stride() or not ys.numel()
             torch.testing.assert_close(got["y"][step].double(), ys.double(), **tol)
             torch.testing.assert_close(got["dx"][step].double(), dxs.double(), **tol)
     for key in ("running_mean", "running_var"):

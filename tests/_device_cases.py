@@ -1,0 +1,57 @@
+"""Inputs and the plain-BatchNorm reference shared by the tests of the CUDA paths run
+on CPU (tests/test_triton_layers.py, tests/test_native_cuda.py): uneven shards with
+an empty rank, in a dtype and layout given per case."""
+
+from __future__ import annotations
+
+from typing import Dict, List, Tuple
+
+import torch
+from torch import Tensor, nn
+
+SIZES = [3, 0, 2]  # uneven, one empty rank (world3)
+STEPS = 2  # the second runs the first one's deferred guard checks
+# A case: (input shape after N, channels_last, dtype, a .half() model)
+Case = Tuple[Tuple[int, ...], bool, torch.dtype, bool]
+
+
+def shards(case: Case, step: int) -> List[Tensor]:
+    """Every rank's input at ``step``: ``SIZES`` samples, mean 10, std 3."""
+    rest, channels_last, dtype, _ = case
+    gen = torch.Generator().manual_seed(step)
+    out = []
+    for n in SIZES:
+        x = (torch.randn((n,) + rest, generator=gen, dtype=torch.float64) * 3 + 10).to(dtype)
+        if channels_last:
+            x = x.movedim(1, -1).contiguous().movedim(-1, 1)
+        out.append(x)
+    return out
+
+
+def batch_norm(case: Case) -> nn.Module:
+    """The plain ``nn.BatchNorm`` of 4 channels for the case's input, with a
+    non-trivial affine, in the case's dtype."""
+    rest, _, dtype, half = case
+    classes = {1: nn.BatchNorm1d, 2: nn.BatchNorm1d, 3: nn.BatchNorm2d, 4: nn.BatchNorm3d}
+    bn = classes[len(rest)](4)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-1, 1)
+    if dtype == torch.float64:
+        return bn.double()
+    return bn.half() if half else bn
+
+
+def loss_weights(x: Tensor) -> Tensor:
+    """Per-channel weights of the test loss ``Σ y·w``, so every channel's gradient differs."""
+    return torch.arange(1.0, 5.0, dtype=torch.float64).view((1, 4) + (1,) * (x.dim() - 2))
+
+
+def tolerance(case: Case) -> Dict[str, float]:
+    dtype = case[2]
+    if dtype == torch.float64:
+        return dict(rtol=1e-9, atol=1e-9)
+    if dtype == torch.float32:
+        return dict(rtol=1e-4, atol=1e-4)
+    return dict(rtol=2e-2, atol=5e-2)
