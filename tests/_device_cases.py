@@ -4,7 +4,7 @@ an empty rank, in a dtype and layout given per case."""
 
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
+from typing import Any, Dict, List, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -55,3 +55,32 @@ def tolerance(case: Case) -> Dict[str, float]:
     if dtype == torch.float32:
         return dict(rtol=1e-4, atol=1e-4)
     return dict(rtol=2e-2, atol=5e-2)
+
+
+def assert_matches_batch_norm(results: List[Dict[str, Any]], case: Case) -> nn.Module:
+    """Every rank's outputs (dtype and layout), input gradients and running statistics,
+    and the parameter gradients summed over ranks, equal ``nn.BatchNorm``'s on the
+    concatenated batch of :func:`shards` over :data:`STEPS` steps, each rank's loss
+    weighted by :func:`loss_weights`. Returns the reference layer."""
+    ref = batch_norm(case)
+    tol = tolerance(case)
+    for step in range(STEPS):
+        inputs = shards(case, step)
+        x = torch.cat(inputs).detach().requires_grad_()
+        y = ref(x)
+        (y.double() * loss_weights(x)).sum().backward()
+        for rank, (ys, dxs) in enumerate(zip(y.split(SIZES), x.grad.split(SIZES))):
+            got = results[rank]
+            assert got["y"][step].dtype == ys.dtype
+            assert got["y"][step].stride() == inputs[rank].stride() or not ys.numel()
+            torch.testing.assert_close(got["y"][step].double(), ys.double(), **tol)
+            torch.testing.assert_close(got["dx"][step].double(), dxs.double(), **tol)
+    for result in results:
+        for key in ("running_mean", "running_var"):
+            torch.testing.assert_close(result[key].double(), getattr(ref, key).double(), **tol)
+    for key, want in (("weight_grad", ref.weight.grad), ("bias_grad", ref.bias.grad)):
+        got = sum(r[key].double() for r in results)
+        assert results[0][key].dtype == want.dtype
+        torch.testing.assert_close(got, want.double(), rtol=tol["rtol"] * 10,
+                                   atol=tol["atol"] * 10)
+    return ref

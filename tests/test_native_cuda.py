@@ -20,7 +20,8 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 import distnorm
-from tests._device_cases import SIZES, STEPS, batch_norm, loss_weights, shards, tolerance
+from tests._device_cases import (STEPS, assert_matches_batch_norm, batch_norm, loss_weights,
+                                 shards)
 from distnorm import _native_cuda, cuda_ops, functional
 from distnorm.distributed import collectives
 
@@ -166,31 +167,11 @@ def test_sync_batch_norm_matches_batch_norm_of_the_concatenated_batch(case, devi
     on the whole batch; an empty group changes no running statistic. Also with the
     guard's counters advanced on the device (what a CUDA-graph capture records)."""
     results = world3.run(_w_steps, case, device_counters)
-    ref = batch_norm(CASES[case])
-    tol = tolerance(CASES[case])
-    for step in range(STEPS):
-        inputs = shards(CASES[case], step)
-        x = torch.cat(inputs).detach().requires_grad_()
-        y = ref(x)
-        (y.double() * loss_weights(x)).sum().backward()
-        for rank, (ys, dxs) in enumerate(zip(y.split(SIZES), x.grad.split(SIZES))):
-            got = results[rank]
-            assert got["y"][step].dtype == ys.dtype
-            assert got["y"][step].stride() == inputs[rank].stride() or not ys.numel()
-            torch.testing.assert_close(got["y"][step].double(), ys.double(), **tol)
-            torch.testing.assert_close(got["dx"][step].double(), dxs.double(), **tol)
-    for rank in range(3):
-        for key in ("running_mean", "running_var"):
-            torch.testing.assert_close(results[rank][key].double(),
-                                       getattr(ref, key).double(), **tol)
-        for key, value in results[rank]["after_empty"].items():
-            torch.testing.assert_close(value, results[rank][key], rtol=0, atol=0)
-        assert int(results[rank]["num_batches_tracked"]) == STEPS
-    for key, want in (("weight_grad", ref.weight.grad), ("bias_grad", ref.bias.grad)):
-        got = sum(r[key].double() for r in results)
-        assert results[0][key].dtype == want.dtype
-        torch.testing.assert_close(got, want.double(), rtol=tol["rtol"] * 10,
-                                   atol=tol["atol"] * 10)
+    assert_matches_batch_norm(results, CASES[case])
+    for result in results:
+        for key, value in result["after_empty"].items():
+            torch.testing.assert_close(value, result[key], rtol=0, atol=0)
+        assert int(result["num_batches_tracked"]) == STEPS
 
 
 # -- launches ----------------------------------------------------------------------------------

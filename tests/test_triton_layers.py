@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 import distnorm
-from tests._device_cases import SIZES, STEPS, batch_norm, loss_weights, shards, tolerance
+from tests._device_cases import (STEPS, assert_matches_batch_norm, batch_norm, loss_weights,
+                                 shards)
 from tests._triton_path import INTERPRETED, triton_path
 
 pytestmark = pytest.mark.skipif(not INTERPRETED, reason="run by "
@@ -56,28 +57,7 @@ def test_sync_batch_norm_matches_batch_norm_of_the_concatenated_batch(case, worl
     """SyncBatchNorm on the Triton path: outputs, input gradients, summed parameter
     gradients and running statistics equal nn.BatchNorm's on the whole batch."""
     results = world3.run(_w_steps, "sync", case, True)
-    ref = batch_norm(CASES[case])
-    tol = tolerance(CASES[case])
-    for step in range(STEPS):
-        inputs = shards(CASES[case], step)
-        x = torch.cat(inputs).detach().requires_grad_()
-        y = ref(x)
-        (y.double() * loss_weights(x)).sum().backward()
-        for rank, (ys, dxs) in enumerate(zip(y.split(SIZES), x.grad.split(SIZES))):
-            got = results[rank]
-            assert got["y"][step].dtype == ys.dtype
-            assert got["y"][step].stride() == inputs[rank].stride() or not ys.numel()
-            torch.testing.assert_close(got["y"][step].double(), ys.double(), **tol)
-            torch.testing.assert_close(got["dx"][step].double(), dxs.double(), **tol)
-    for key in ("running_mean", "running_var"):
-        for rank in range(3):
-            torch.testing.assert_close(results[rank][key].double(),
-                                       getattr(ref, key).double(), **tol)
-    for key, want in (("weight_grad", ref.weight.grad), ("bias_grad", ref.bias.grad)):
-        got = sum(r[key].double() for r in results)
-        assert results[0][key].dtype == want.dtype
-        torch.testing.assert_close(got, want.double(), rtol=tol["rtol"] * 10,
-                                   atol=tol["atol"] * 10)
+    assert_matches_batch_norm(results, CASES[case])
 
 
 @pytest.mark.parametrize("mode,case", [("brn", "nchw"), ("cmbn", "channels_last"),
