@@ -8,6 +8,7 @@ from typing import Any, Dict, List, Tuple
 
 import torch
 from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 SIZES = [3, 0, 2]  # uneven, one empty rank (world3)
 STEPS = 2  # the second runs the first one's deferred guard checks
@@ -84,3 +85,34 @@ def assert_matches_batch_norm(results: List[Dict[str, Any]], case: Case) -> nn.M
         torch.testing.assert_close(got, want.double(), rtol=tol["rtol"] * 10,
                                    atol=tol["atol"] * 10)
     return ref
+
+
+# ATen ops that launch nothing on a device (metadata, allocation, views).
+NO_LAUNCH = ("empty", "new_empty", "view", "_unsafe_view", "slice", "select", "as_strided",
+             "detach", "alias", "unsqueeze", "squeeze", "expand", "permute", "transpose", "t.",
+             "_reshape_alias", "split", "unbind", "movedim", "lift_fresh", "set_")
+HOST_READS = ("_local_scalar_dense", "item", "is_nonzero", "nonzero", "equal")
+
+
+class OpRecord(TorchDispatchMode):
+    """Records the name of every op dispatched while it is active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: List[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def classify_ops(ops: List[str]) -> Dict[str, List[str]]:
+    """Recorded ops sorted into what would launch on a device (``aten``), the
+    collectives, the host reads and the rest; ops that launch nothing are left out."""
+    ops = [op for op in ops if not op.startswith("aten.")
+           or not any(op[5:].startswith(name) for name in NO_LAUNCH)]
+    return {"aten": [op for op in ops if op.startswith("aten.")],
+            "collectives": [op for op in ops if op.startswith("c10d")],
+            "host_reads": [op for op in ops if any(f".{name}." in op or op.endswith(f".{name}")
+                                                   for name in HOST_READS)],
+            "other": [op for op in ops if not op.startswith(("aten.", "c10d"))]}

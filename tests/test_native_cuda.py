@@ -17,11 +17,11 @@ from typing import Any, Dict, Iterator, List, Optional
 import pytest
 import torch
 from torch import Tensor, nn
-from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+from torch.utils._python_dispatch import _disable_current_modes
 
 import distnorm
-from tests._device_cases import (STEPS, assert_matches_batch_norm, batch_norm, loss_weights,
-                                 shards)
+from tests._device_cases import (STEPS, OpRecord, assert_matches_batch_norm, batch_norm,
+                                 classify_ops, loss_weights, shards)
 from distnorm import _native_cuda, cuda_ops, functional
 from distnorm.distributed import collectives
 
@@ -175,11 +175,6 @@ def test_sync_batch_norm_matches_batch_norm_of_the_concatenated_batch(case, devi
 
 
 # -- launches ----------------------------------------------------------------------------------
-# ATen ops that launch nothing on a device (metadata, allocation, views).
-_NO_LAUNCH = ("empty", "new_empty", "view", "_unsafe_view", "slice", "select", "as_strided",
-              "detach", "alias", "unsqueeze", "squeeze", "expand", "permute", "transpose",
-              "t.", "_reshape_alias", "split", "unbind", "movedim", "lift_fresh", "set_")
-_HOST_READS = ("_local_scalar_dense", "item", "is_nonzero", "nonzero", "equal")
 # What a steady-state SyncBatchNorm training step launches here (docs/algorithms.md
 # §1, "Without Triton"): a ceiling, so that a change that adds launches is seen.
 # Counted: the four native kernels, the ATen ops that launch, and the two
@@ -190,15 +185,6 @@ MAX_LAUNCHES = {"raise": 34, "skip": 38}
 
 def _w_launches(rank: int, world: int, nonfinite: str) -> Dict[str, List[str]]:
     global calls
-
-    class Record(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.ops: List[str] = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
-            self.ops.append(str(func))
-            return func(*args, **(kwargs or {}))
 
     original = collectives._DeferredCheck.__init__
 
@@ -227,22 +213,16 @@ def _w_launches(rank: int, world: int, nonfinite: str) -> Dict[str, List[str]]:
                     layer(x).backward(grad)
                     continue
                 calls = []
-                with Record() as record:
+                with OpRecord() as record:
                     layer(x).backward(grad)
                 native = calls
     finally:
         calls = None
         collectives._DeferredCheck.__init__ = original  # type: ignore[method-assign]
         _native_cuda._host_tail = host_tail
-    ops = [op for op in record.ops if not op.startswith("aten.") or
-           not any(op[5:].startswith(name) for name in _NO_LAUNCH)]
     return {"native": [name for name in native if name.startswith("native.")],
             "copies": [name for name in native if name.startswith("copy.")],
-            "aten": [op for op in ops if op.startswith("aten.")],
-            "collectives": [op for op in ops if op.startswith("c10d")],
-            "host_reads": [op for op in ops if any(f".{name}." in op or op.endswith(f".{name}")
-                                                   for name in _HOST_READS)],
-            "other": [op for op in ops if not op.startswith(("aten.", "c10d"))]}
+            **classify_ops(record.ops)}
 
 
 @pytest.mark.parametrize("nonfinite", ["raise", "skip"])

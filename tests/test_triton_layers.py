@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 import distnorm
-from tests._device_cases import (STEPS, assert_matches_batch_norm, batch_norm, loss_weights,
-                                 shards)
+from tests._device_cases import (STEPS, OpRecord, assert_matches_batch_norm, batch_norm,
+                                 classify_ops, loss_weights, shards)
 from tests._triton_path import INTERPRETED, triton_path
 
 pytestmark = pytest.mark.skipif(not INTERPRETED, reason="run by "
@@ -78,11 +78,6 @@ def test_variants_on_the_triton_path_match_their_cpu_path(mode, case, world3):
                                            msg=f"{mode} rank {rank}: {key}")
 
 
-# ATen ops that launch nothing on a device (metadata, allocation, views).
-_NO_LAUNCH = ("empty", "new_empty", "view", "_unsafe_view", "slice", "select", "as_strided", "detach",
-              "alias", "unsqueeze", "squeeze", "expand", "permute", "transpose", "t.",
-              "_reshape_alias", "split", "unbind", "movedim", "lift_fresh", "set_")
-_HOST_READS = ("_local_scalar_dense", "item", "is_nonzero", "nonzero", "equal")
 
 
 def _w_launches(rank: int, world: int, mode: str) -> Dict[str, List[str]]:
@@ -90,19 +85,10 @@ def _w_launches(rank: int, world: int, mode: str) -> Dict[str, List[str]]:
     host read of a steady-state training step (forward + backward) of one synced
     layer on the Triton path, its deferred guard checks (an asynchronous copy of 11
     numbers to pinned memory on CUDA) counted apart."""
-    from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+    from torch.utils._python_dispatch import _disable_current_modes
 
     from distnorm import cuda_ops
     from distnorm.distributed import collectives
-
-    class Record(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.ops: List[str] = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
-            self.ops.append(str(func))
-            return func(*args, **(kwargs or {}))
 
     tail_copies: List[int] = []
     original = collectives._DeferredCheck.__init__
@@ -132,22 +118,14 @@ def _w_launches(rank: int, world: int, mode: str) -> Dict[str, List[str]]:
                     continue
                 cuda_ops.launch_log = []
                 tail_copies.clear()
-                with Record() as record:
+                with OpRecord() as record:
                     layer(x).backward(grad)
                 launches = cuda_ops.launch_log
     finally:
         cuda_ops.launch_log = None
         cuda_ops._launch = launch
         collectives._DeferredCheck.__init__ = original  # type: ignore[method-assign]
-    ops = [op for op in record.ops if not op.startswith("aten.") or
-           not any(op[5:].startswith(name) for name in _NO_LAUNCH)]
-    return {"triton": launches,
-            "collectives": [op for op in ops if op.startswith("c10d")],
-            "host_reads": [op for op in ops if any(f".{name}." in op or op.endswith(f".{name}")
-                                                   for name in _HOST_READS)],
-            "aten": [op for op in ops if op.startswith("aten.")],
-            "other": [op for op in ops if not op.startswith(("aten.", "c10d"))],
-            "tail_copies": tail_copies}
+    return {"triton": launches, "tail_copies": tail_copies, **classify_ops(record.ops)}
 
 
 @pytest.mark.parametrize("mode", ["sync", "brn", "cmbn", "cbn", "bin", "switchable"])
