@@ -12,7 +12,7 @@ from typing import Any
 
 from gpu_candidates import torch_forced_class
 from gpu_device import Device
-from gpu_measure import (Runnable, attempt, capture, count_device_work, count_host_syncs,
+from gpu_measure import (Runnable, attempt, capture, count_work,
                          first_calls, relative_error, step_peak_memory, time_group, warned)
 from gpu_settings import (IDEAL_PASSES, LAYER_CANDIDATES, VARIANT_STEPS, VARIANTS, Settings, dtype_of,
                           item_row)
@@ -127,11 +127,7 @@ def run_layer_counts(item: dict[str, Any], dev: Device, s: Settings) -> list[dic
             run = layer_candidate(name, x, dy, dev)
         if name not in rows or "build" in rows[name]["errors"]:
             continue
-        with attempt(rows[name], "profile", dev):
-            rows[name]["counts"] = count_device_work(run, dev, s.layer_profile_steps)
-        if dev.cuda:
-            with attempt(rows[name], "sync count", dev):
-                rows[name].update(count_host_syncs(run, dev, s.layer_profile_steps))
+        count_work(rows[name], run, dev, s.layer_profile_steps)
     return list(rows.values())
 
 
@@ -172,11 +168,7 @@ def run_variant_counts(item: dict[str, Any], dev: Device, s: Settings) -> list[d
             run.step()
             dev.sync()
             rows[mode]["first_step_s"] = time.perf_counter() - start
-        with attempt(rows[mode], "profile", dev):
-            rows[mode]["counts"] = count_device_work(run, dev, steps)
-        if dev.cuda:
-            with attempt(rows[mode], "sync count", dev):
-                rows[mode].update(count_host_syncs(run, dev, steps))
+        count_work(rows[mode], run, dev, steps)
         del run
     return list(rows.values())
 

@@ -284,6 +284,16 @@ def count_host_syncs(run: Runnable, dev: Device, steps: int) -> dict[str, Any]:
     return {"host_syncs": len(syncs) / steps, "sync_examples": syncs[:3]}
 
 
+def count_work(row: dict[str, Any], run: Runnable, dev: Device, steps: int) -> None:
+    """Into ``row``: the device work per step (``counts``) and, on CUDA, the host
+    synchronizations per step; a failure of either is recorded in the row."""
+    with attempt(row, "profile", dev):
+        row["counts"] = count_device_work(run, dev, steps)
+    if dev.cuda:
+        with attempt(row, "sync count", dev):
+            row.update(count_host_syncs(run, dev, steps))
+
+
 def sync_warnings(messages: Sequence[str]) -> list[str]:
     """The first lines of the warnings that ``set_sync_debug_mode("warn")`` issues
     ("called a synchronizing CUDA operation"), among any others."""

@@ -14,7 +14,7 @@ from typing import Any
 
 from gpu_candidates import to_torch_sync
 from gpu_device import Device
-from gpu_measure import (Runnable, attempt, capture, count_device_work, count_host_syncs,
+from gpu_measure import (Runnable, attempt, capture, count_work,
                          first_calls, step_peak_memory, time_group, warned)
 from gpu_settings import MODEL_CANDIDATES, Settings, dtype_of, item_row
 from model import MOMENTUM, NUM_CLASSES
@@ -194,10 +194,6 @@ def run_model_counts(item: dict[str, Any], dev: Device, s: Settings) -> list[dic
             run = Trainer(name, item["dtype"], x, target, dev, s.lr).runnable()
         if not ok["ok"]:
             continue
-        with attempt(rows[name], "profile", dev):
-            rows[name]["counts"] = count_device_work(run, dev, s.model_profile_steps)
-        if dev.cuda:
-            with attempt(rows[name], "sync count", dev):
-                rows[name].update(count_host_syncs(run, dev, s.model_profile_steps))
+        count_work(rows[name], run, dev, s.model_profile_steps)
         del run
     return list(rows.values())
